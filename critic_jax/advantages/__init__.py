@@ -1,0 +1,5 @@
+"""Advantage estimators (pure JAX), registered by name in `ADVANTAGES`."""
+
+from critic_jax.advantages.registry import ADVANTAGES
+
+__all__ = ["ADVANTAGES"]

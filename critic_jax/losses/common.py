@@ -1,0 +1,91 @@
+"""Masked reductions shared by every loss and advantage estimator.
+
+All reductions go through these helpers so that padding is handled the same way
+everywhere (spec `rl-critics-search.md` §0): padded positions never contribute,
+and an all-masked input gives 0 rather than NaN.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+  "AGG_MODES",
+  "agg_loss",
+  "masked_mean",
+  "masked_sum",
+  "masked_var",
+  "whiten",
+]
+
+AGG_MODES = (
+  "token-mean",
+  "seq-mean-token-mean",
+  "seq-mean-token-sum",
+  "seq-mean-token-sum-norm",
+)
+
+
+def masked_sum(x: jax.Array, mask: jax.Array, axis=None) -> jax.Array:
+  """Sum of `x` where `mask` is true."""
+  return jnp.sum(jnp.where(mask, x, 0.0), axis=axis)
+
+
+def masked_mean(x: jax.Array, mask: jax.Array, axis=None) -> jax.Array:
+  """sum(x * m) / sum(m); 0 where the mask is empty."""
+  mask = jnp.broadcast_to(mask, x.shape)
+  count = jnp.sum(mask, axis=axis)
+  return masked_sum(x, mask, axis) / jnp.maximum(count, 1)
+
+
+def masked_var(x: jax.Array, mask: jax.Array, unbiased: bool = True) -> jax.Array:
+  """Variance over all masked entries; Bessel-corrected when `unbiased`."""
+  mask = jnp.broadcast_to(mask, x.shape)
+  mean = masked_mean(x, mask)
+  sq = masked_sum(jnp.square(x - mean), mask)
+  count = jnp.sum(mask)
+  denom = count - 1 if unbiased else count
+  return sq / jnp.maximum(denom, 1)
+
+
+def whiten(x: jax.Array, mask: jax.Array, shift_mean: bool = True, eps: float = 1e-6) -> jax.Array:
+  """(x - mean) / sqrt(var_unbiased + eps) over masked entries; padding set to 0.
+
+  With `shift_mean=False` the mean is added back: (x - mean)/sigma + mean, the
+  reward-whitening form of the N-implementation-details PPO code.
+  """
+  mean = masked_mean(x, mask)
+  var = masked_var(x, mask, unbiased=True)
+  out = (x - mean) * jax.lax.rsqrt(var + eps)
+  if not shift_mean:
+    out = out + mean
+  return jnp.where(mask, out, 0.0)
+
+
+def agg_loss(loss_mat: jax.Array, mask: jax.Array, mode: str = "token-mean") -> jax.Array:
+  """Aggregates per-token losses `[N, T]` into a scalar (verl `agg_loss` names).
+
+  Modes:
+    token-mean: sum(l*m) / sum(m) over the whole batch.
+    seq-mean-token-mean: mean_i [sum_t l*m / sum_t m] (original GRPO).
+    seq-mean-token-sum: mean_i sum_t l*m.
+    seq-mean-token-sum-norm: sum(l*m) / (N * T) (Dr. GRPO's constant normaliser).
+  Rows with an empty mask are left out of the sequence means.
+  """
+  if loss_mat.ndim < 2:
+    raise ValueError(f"agg_loss expects [..., T] losses, got shape {loss_mat.shape}")
+  mask = jnp.broadcast_to(mask, loss_mat.shape).reshape(-1, loss_mat.shape[-1])
+  loss_mat = loss_mat.reshape(-1, loss_mat.shape[-1])
+  if mode == "token-mean":
+    return masked_mean(loss_mat, mask)
+  row_valid = jnp.any(mask, axis=-1)
+  if mode == "seq-mean-token-mean":
+    per_seq = masked_mean(loss_mat, mask, axis=-1)
+  elif mode == "seq-mean-token-sum":
+    per_seq = masked_sum(loss_mat, mask, axis=-1)
+  elif mode == "seq-mean-token-sum-norm":
+    return masked_sum(loss_mat, mask) / (loss_mat.shape[0] * loss_mat.shape[1])
+  else:
+    raise ValueError(f"unknown loss aggregation mode {mode!r}; known: {', '.join(AGG_MODES)}")
+  return masked_mean(per_seq, row_valid)
