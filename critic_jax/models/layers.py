@@ -1,0 +1,184 @@
+"""Building blocks of the decoder: norms, rotary embeddings, MLPs.
+
+Every parameter names its logical axes (`nn.with_logical_partitioning`) and every
+large activation is constrained to logical axes (`nn.with_logical_constraint`);
+the mapping to mesh axes lives in the config (`critic_jax.parallel`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+  "Norm",
+  "Mlp",
+  "rope_inv_freq",
+  "rope_cos_sin",
+  "apply_rope",
+  "dense_init",
+  "constrain",
+  "Linear",
+]
+
+
+def dense_init(std: float, axes: tuple[str | None, ...]):
+  """A normal(std) initialiser that tags the parameter with logical `axes`."""
+  return nn.with_logical_partitioning(nn.initializers.normal(stddev=std), axes)
+
+
+def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+  """Constrains an activation to logical axes (a no-op without mesh rules)."""
+  return nn.with_logical_constraint(x, axes)
+
+
+class Linear(nn.Module):
+  """y = x @ W (+ b) contracting `in_dims` trailing dims of x into `out_shape`.
+
+  The kernel is created with its full shape (`[*in, *out]`) so its logical axis
+  names (`axes`) match every dimension, e.g. `("embed", "heads", "head_dim")`.
+  """
+
+  out_shape: tuple[int, ...]
+  axes: tuple[str | None, ...]
+  in_dims: int = 1
+  use_bias: bool = False
+  std: float = 0.02
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    in_shape = x.shape[x.ndim - self.in_dims :]
+    kernel = self.param(
+      "kernel", dense_init(self.std, self.axes), in_shape + tuple(self.out_shape), self.param_dtype
+    )
+    y = jax.lax.dot_general(
+      x.astype(self.dtype), kernel.astype(self.dtype),
+      ((tuple(range(x.ndim - self.in_dims, x.ndim)), tuple(range(self.in_dims))), ((), ())),
+    )  # fmt: skip
+    if self.use_bias:
+      bias = self.param(
+        "bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[self.in_dims :]),
+        tuple(self.out_shape), self.param_dtype,
+      )  # fmt: skip
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+class Norm(nn.Module):
+  """RMSNorm (`kind="rms"`) or LayerNorm with bias (`kind="layer"`) over the last axis.
+
+  Statistics are computed in float32 whatever the compute dtype.
+  """
+
+  kind: str = "rms"
+  eps: float = 1e-6
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  axis_name: str = "norm"
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    d = x.shape[-1]
+    scale = self.param(
+      "scale", nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)), (d,),
+      self.param_dtype,
+    )  # fmt: skip
+    xf = x.astype(jnp.float32)
+    if self.kind == "rms":
+      y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)
+      y = y * scale.astype(jnp.float32)
+    else:
+      bias = self.param(
+        "bias", nn.with_logical_partitioning(nn.initializers.zeros, (self.axis_name,)), (d,),
+        self.param_dtype,
+      )  # fmt: skip
+      mean = jnp.mean(xf, axis=-1, keepdims=True)
+      var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+      y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+      y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+    return y.astype(self.dtype)
+
+
+def rope_inv_freq(
+  head_dim: int, theta: float, scaling: Mapping[str, Any] | None = None
+) -> jax.Array:
+  """Inverse frequencies `[head_dim/2]` of RoPE, with optional linear or Llama-3 scaling.
+
+  Llama 3.1 scaling (Meta's `apply_scaling`): wavelengths longer than
+  `orig/low_freq_factor` are divided by `factor`, shorter than `orig/high_freq_factor`
+  are kept, and the band between is interpolated smoothly.
+  """
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  if not scaling:
+    return inv_freq
+  rtype = scaling.get("rope_type", scaling.get("type"))
+  factor = float(scaling["factor"]) if "factor" in scaling else 1.0
+  if rtype == "default":
+    return inv_freq
+  if rtype == "linear":
+    return inv_freq / factor
+  if rtype == "llama3":
+    low = float(scaling.get("low_freq_factor", 1.0))
+    high = float(scaling.get("high_freq_factor", 4.0))
+    orig = float(scaling.get("original_max_position_embeddings", 8192))
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > orig / low, inv_freq / factor, inv_freq)
+    smooth = (orig / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= orig / high) & (wavelen <= orig / low)
+    return jnp.where(medium, smoothed, scaled)
+  raise ValueError(f"unsupported rope_type {rtype!r}")
+
+
+def rope_cos_sin(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """cos and sin tables `[B, T, H]` (rotate-half layout, as in HF Llama) in float32."""
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq
+  angles = jnp.concatenate([angles, angles], axis=-1)
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """Rotates `x [B, T, N, H]` by the per-position angles (rotate-half convention)."""
+  xf = x.astype(jnp.float32)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+  out = xf * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+  return out.astype(x.dtype)
+
+
+class Mlp(nn.Module):
+  """SwiGLU (`down(silu(gate(x)) * up(x))`) or GELU (`down(gelu_tanh(up(x)))`) MLP."""
+
+  kind: str
+  mlp_dim: int
+  use_bias: bool = False
+  init_std: float = 0.02
+  out_init_std: float = 0.02
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    d = x.shape[-1]
+
+    def dense(features, name, axes, std):
+      return Linear(
+        (features,), axes, use_bias=self.use_bias, std=std, dtype=self.dtype,
+        param_dtype=self.param_dtype, name=name,
+      )  # fmt: skip
+
+    if self.kind == "swiglu":
+      gate = dense(self.mlp_dim, "gate", ("embed", "mlp"), self.init_std)(x)
+      up = dense(self.mlp_dim, "up", ("embed", "mlp"), self.init_std)(x)
+      h = nn.silu(gate) * up
+    else:
+      h = nn.gelu(dense(self.mlp_dim, "up", ("embed", "mlp"), self.init_std)(x), approximate=True)
+    h = constrain(h, ("act_batch", "act_length", "act_mlp"))
+    return dense(d, "down", ("mlp", "embed"), self.out_init_std)(h)

@@ -1,0 +1,197 @@
+"""The decoder: shapes, causality, caching, padding, packing, family switches."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from critic_jax.models import KVCache, ModelConfig, Transformer
+from critic_jax.models.layers import rope_inv_freq
+
+FAMILIES = ["tiny", "tiny_gpt2", "tiny_qwen3"]
+
+
+def _init(cfg, tokens, seed=0):
+  model = Transformer(cfg)
+  params = nn.unbox(model.init(jax.random.key(seed), tokens))["params"]
+  return model, params
+
+
+def _tokens(b=2, t=10, v=256, seed=0):
+  return jnp.asarray(np.random.RandomState(seed).randint(4, v, (b, t)), jnp.int32)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_shapes_and_heads(family):
+  cfg = ModelConfig.preset(family, heads=("lm", "value", "reward"))
+  tok = _tokens()
+  model, params = _init(cfg, tok)
+  out = model.apply({"params": params}, tok)
+  assert out.logits.shape == (2, 10, cfg.vocab_size)
+  assert out.values.shape == (2, 10) and out.values.dtype == jnp.float32
+  assert out.rewards.shape == (2,)
+  assert out.hidden.shape == (2, 10, cfg.d_model)
+  n = sum(x.size for x in jax.tree.leaves(params))
+  assert n == cfg.num_params() + 2 * (cfg.d_model + 1)  # two scalar heads
+  # Only the requested heads are computed.
+  only_v = model.apply({"params": params}, tok, heads=("value",))
+  assert only_v.logits is None and only_v.rewards is None
+  np.testing.assert_allclose(only_v.values, out.values, rtol=1e-6)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_causal(family):
+  cfg = ModelConfig.preset(family)
+  tok = _tokens()
+  model, params = _init(cfg, tok)
+  base = model.apply({"params": params}, tok).logits
+  changed = model.apply({"params": params}, tok.at[:, 6].set(5)).logits
+  np.testing.assert_allclose(base[:, :6], changed[:, :6], atol=1e-6)
+  assert np.abs(np.asarray(base[:, 6:] - changed[:, 6:])).max() > 1e-4
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_full_forward_equals_cached_steps(family):
+  cfg = ModelConfig.preset(family)
+  tok = _tokens()
+  model, params = _init(cfg, tok)
+  full = model.apply({"params": params}, tok).logits
+  # Prefill 4 tokens, then one token at a time.
+  cache = KVCache.init(cfg, 2, 16)
+  out = model.apply(
+    {"params": params}, tok[:, :4], cache=cache, cache_index=jnp.zeros(2, jnp.int32)
+  )
+  steps = [out.logits]
+  cache = out.cache
+  for t in range(4, 10):
+    o = model.apply(
+      {"params": params}, tok[:, t : t + 1], cache=cache, cache_index=jnp.full((2,), t, jnp.int32)
+    )
+    steps.append(o.logits)
+    cache = o.cache
+  np.testing.assert_allclose(jnp.concatenate(steps, 1), full, atol=2e-5)
+
+
+def test_right_padding_and_reward_read_at_last_token():
+  cfg = ModelConfig.preset("tiny", heads=("lm", "reward"))
+  tok = _tokens(b=1, t=6)
+  model, params = _init(cfg, tok)
+  ref = model.apply({"params": params}, tok)
+  padded = jnp.concatenate([tok, jnp.full((1, 4), 7, jnp.int32)], axis=1)
+  seg = jnp.asarray([[1] * 6 + [0] * 4], jnp.int32)
+  out = model.apply({"params": params}, padded, segment_ids=seg)
+  np.testing.assert_allclose(out.logits[:, :6], ref.logits, atol=1e-5)
+  np.testing.assert_allclose(out.rewards, ref.rewards, atol=1e-5)
+  # Pad token ids have no effect anywhere that counts.
+  out2 = model.apply({"params": params}, padded.at[:, 7:].set(99), segment_ids=seg)
+  np.testing.assert_allclose(out2.logits[:, :6], ref.logits, atol=1e-5)
+  np.testing.assert_allclose(out2.rewards, ref.rewards, atol=1e-5)
+  assert np.all(np.isfinite(np.asarray(out2.logits)))
+
+
+def test_packed_rows_equal_separate_sequences():
+  cfg = ModelConfig.preset("tiny")
+  a, b = _tokens(b=1, t=5, seed=1), _tokens(b=1, t=4, seed=2)
+  model, params = _init(cfg, a)
+  packed = jnp.concatenate([a, b, jnp.zeros((1, 3), jnp.int32)], axis=1)
+  seg = jnp.asarray([[1] * 5 + [2] * 4 + [0] * 3], jnp.int32)
+  pos = jnp.asarray([list(range(5)) + list(range(4)) + [0] * 3], jnp.int32)
+  out = model.apply({"params": params}, packed, segment_ids=seg, positions=pos).logits
+  np.testing.assert_allclose(out[:, :5], model.apply({"params": params}, a).logits, atol=1e-5)
+  np.testing.assert_allclose(out[:, 5:9], model.apply({"params": params}, b).logits, atol=1e-5)
+
+
+def test_scan_and_remat_match_unrolled():
+  cfg = ModelConfig.preset("tiny", num_layers=3)
+  tok = _tokens()
+  model, params = _init(cfg, tok)
+  ref = model.apply({"params": params}, tok).logits
+  scan_cfg = cfg.replace(scan_layers=True, remat="full")
+  scan_model = Transformer(scan_cfg)
+  stacked = {k: v for k, v in params.items() if not k.startswith("layer_")}
+  stacked["layers"] = jax.tree.map(
+    lambda *xs: jnp.stack(xs), *[params[f"layer_{i}"] for i in range(3)]
+  )
+  shapes = jax.eval_shape(lambda: nn.unbox(scan_model.init(jax.random.key(0), tok))["params"])
+  assert jax.tree.structure(shapes) == jax.tree.structure(stacked)
+  out = scan_model.apply({"params": stacked}, tok).logits
+  np.testing.assert_allclose(out, ref, atol=1e-5)
+
+  def loss(m, p):
+    return jnp.mean(m.apply({"params": p}, tok).logits ** 2)
+
+  g_ref = jax.grad(lambda p: loss(model, p))(params)["layer_1"]["mlp"]["up"]["kernel"]
+  g_scan = jax.grad(lambda p: loss(scan_model, p))(stacked)["layers"]["mlp"]["up"]["kernel"][1]
+  np.testing.assert_allclose(g_scan, g_ref, atol=1e-6)
+
+
+def test_grouped_query_attention_equals_repeated_kv_heads():
+  gqa = ModelConfig.preset("tiny", num_heads=4, num_kv_heads=2)
+  mha = gqa.replace(num_kv_heads=4)
+  tok = _tokens()
+  m_gqa, p_gqa = _init(gqa, tok)
+  m_mha = Transformer(mha)
+  p_mha = jax.tree.map(lambda x: x, p_gqa)
+  for i in range(gqa.num_layers):
+    attn = p_mha[f"layer_{i}"]["attn"]
+    for name in ("k", "v"):
+      attn[name]["kernel"] = jnp.repeat(attn[name]["kernel"], 2, axis=1)
+  np.testing.assert_allclose(
+    m_mha.apply({"params": p_mha}, tok).logits, m_gqa.apply({"params": p_gqa}, tok).logits,
+    atol=1e-5,
+  )  # fmt: skip
+
+
+def test_sliding_window():
+  cfg = ModelConfig.preset("tiny", sliding_window=3)
+  tok = _tokens(t=8)
+  model, params = _init(cfg, tok)
+  base = model.apply({"params": params}, tok).logits
+  # With one layer the receptive field is exactly the window; with two it is 2*(W-1)+1.
+  far = model.apply({"params": params}, tok.at[:, 2].set(5)).logits
+  np.testing.assert_allclose(base[:, 7], far[:, 7], atol=1e-6)
+  near = model.apply({"params": params}, tok.at[:, 4].set(5)).logits
+  assert np.abs(np.asarray(base[:, 7] - near[:, 7])).max() > 1e-4
+  # The cached path applies the same window.
+  cache = KVCache.init(cfg, 2, 8)
+  out = model.apply({"params": params}, tok, cache=cache, cache_index=jnp.zeros(2, jnp.int32))
+  np.testing.assert_allclose(out.logits, base, atol=1e-5)
+
+
+def test_bf16_compute_keeps_fp32_params():
+  cfg = ModelConfig.preset("tiny", dtype="bfloat16")
+  tok = _tokens()
+  model, params = _init(cfg, tok)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+  out = model.apply({"params": params}, tok)
+  assert out.logits.dtype == jnp.bfloat16
+  ref = Transformer(cfg.replace(dtype="float32")).apply({"params": params}, tok).logits
+  np.testing.assert_allclose(out.logits.astype(jnp.float32), ref, atol=0.05)
+
+
+def test_rope_scaling():
+  base = rope_inv_freq(16, 10000.0)
+  np.testing.assert_allclose(base, 1.0 / 10000.0 ** (np.arange(0, 16, 2) / 16), rtol=1e-6)
+  lin = rope_inv_freq(16, 10000.0, {"rope_type": "linear", "factor": 4.0})
+  np.testing.assert_allclose(lin, base / 4, rtol=1e-6)
+  # Llama 3: high frequencies (short wavelengths) kept, low frequencies divided by factor.
+  l3 = rope_inv_freq(
+    16, 500000.0, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+  )  # fmt: skip
+  b3 = rope_inv_freq(16, 500000.0)
+  wavelen = 2 * np.pi / np.asarray(b3)
+  np.testing.assert_allclose(np.asarray(l3)[wavelen < 2048], np.asarray(b3)[wavelen < 2048])
+  np.testing.assert_allclose(np.asarray(l3)[wavelen > 8192], np.asarray(b3)[wavelen > 8192] / 8)
+  with pytest.raises(ValueError, match="yarn"):
+    ModelConfig(rope_scaling={"rope_type": "yarn", "factor": 2.0})
+
+
+def test_config_errors_name_the_field():
+  with pytest.raises(ValueError, match="model.norm"):
+    ModelConfig(norm="batch")
+  with pytest.raises(ValueError, match="num_kv_heads"):
+    ModelConfig(num_heads=4, num_kv_heads=3)
+  with pytest.raises(KeyError, match="Did you mean 'num_layers'"):
+    ModelConfig.from_dict({"num_layer": 2})
