@@ -27,7 +27,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.tokenizer = ml_collections.ConfigDict({"name": "char", "path": ""})
   c.task = ml_collections.ConfigDict({"name": "addition", "kwargs": {"num_digits": 2}})
   c.data = ml_collections.ConfigDict(dict(
-    source="task", jsonl_path="", eval_jsonl_path="", seq_len=16, batch_size=128,
+    source="task", jsonl_path="", eval_jsonl_path="", seq_len=12, batch_size=128,
     packing=False, num_train_examples=20_000,
   ))  # fmt: skip
   c.optimizer = common.optimizer(lr=3e-3, warmup_steps=100, end_lr_ratio=0.05, weight_decay=0.01)

@@ -5,6 +5,7 @@ from critic_jax.parallel.distributed import (
   is_main_process,
   make_global_batch,
   maybe_initialize,
+  to_host,
 )
 from critic_jax.parallel.mesh import (
   BATCH_AXES,
@@ -34,4 +35,5 @@ __all__ = [
   "replicated",
   "rules_from_config",
   "strip_boxes",
+  "to_host",
 ]

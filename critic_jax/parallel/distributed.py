@@ -21,7 +21,7 @@ from jax.sharding import Mesh
 
 from critic_jax.parallel.mesh import batch_sharding
 
-__all__ = ["maybe_initialize", "host_rows", "make_global_batch", "is_main_process"]
+__all__ = ["maybe_initialize", "host_rows", "make_global_batch", "is_main_process", "to_host"]
 
 log = logging.getLogger(__name__)
 _INITIALIZED = False
@@ -89,3 +89,12 @@ def make_global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, 
     global_shape = (v.shape[0] * n,) + v.shape[1:]
     out[k] = jax.make_array_from_process_local_data(sharding, v, global_shape)
   return out
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+  """The full value of a (possibly multi-host sharded) array as numpy, on every host."""
+  if x.is_fully_addressable or x.is_fully_replicated:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))

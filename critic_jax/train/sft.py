@@ -27,7 +27,7 @@ from critic_jax.data import Example, encode_prompts, make_task, make_tokenizer, 
 from critic_jax.data.jsonl import load_sft_jsonl
 from critic_jax.losses import LOSSES
 from critic_jax.models import Transformer
-from critic_jax.parallel import batch_sharding
+from critic_jax.parallel import batch_sharding, to_host
 from critic_jax.sampler import greedy_generate
 from critic_jax.train.checkpoint import Checkpointer, PreemptionGuard
 from critic_jax.train.common import (
@@ -191,8 +191,8 @@ class Evaluator:
         k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in batch.items()
       }
       out = self._eval_step(params, {k: self._put(v) for k, v in batch.items()})
-      nll += float(out["nll_sum"])
-      count += float(out["num_tokens"])
+      nll += float(to_host(out["nll_sum"]))
+      count += float(to_host(out["num_tokens"]))
     return {"loss": nll / max(count, 1.0)}
 
   def generate(self, params, prompts: Sequence[str]) -> list[str]:
@@ -201,7 +201,7 @@ class Evaluator:
       chunk = list(prompts[i : i + self.batch])
       enc = encode_prompts(chunk + [chunk[-1]] * (self.batch - len(chunk)), self.tok)
       out, _ = self._generate(params, self._put(enc["tokens"]), self._put(enc["lengths"]))
-      out = np.asarray(jax.device_get(out))[: len(chunk)]
+      out = to_host(out)[: len(chunk)]
       texts.extend(self.tok.decode(row) for row in out)
     return texts
 
@@ -293,6 +293,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           log.warning("stopping at step %d after SIGTERM; checkpoint saved", step)
           final["preempted"] = True
           break
+    if config.train.eval_every and not any(k.startswith("eval/") for k in final):
+      # Resumed at the last step: report the held-out metrics anyway.
+      final.update(writer.write(step, evaluator(state.params), prefix="eval/"))
     pbar.close()
     ckpt.close()
     writer.close()

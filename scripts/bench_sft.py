@@ -1,0 +1,183 @@
+"""SFT train-step throughput: critic_jax vs a plain PyTorch + transformers loop, in one run.
+
+    python scripts/bench_sft.py                                  # CPU, small Llama shape
+    python scripts/bench_sft.py --preset llama_0.9b --batch 8 --seq 2048 \
+        --dtype bfloat16 --attention cudnn --remat dots_no_batch --torch   # H100
+
+Both sides train the same Llama-shaped model (random init) with AdamW on the
+same batch and sequence length; the loss covers every token. Prints tokens/s,
+step time, model FLOPs utilisation (6N + attention FLOPs per token over the
+chip's peak, when --peak_tflops is known) and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from critic_jax.models import ModelConfig, Transformer  # noqa: E402
+from critic_jax.parallel import DEFAULT_RULES, batch_sharding, make_mesh  # noqa: E402
+from critic_jax.train.optim import make_optimizer  # noqa: E402
+from critic_jax.train.sft import make_train_step  # noqa: E402
+from critic_jax.train.state import init_train_state  # noqa: E402
+
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def parse():
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument("--preset", default="bench_small", help="model preset, or bench_small")
+  p.add_argument("--batch", type=int, default=8)
+  p.add_argument("--seq", type=int, default=256)
+  p.add_argument("--steps", type=int, default=10, help="timed steps")
+  p.add_argument("--warmup", type=int, default=2)
+  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  p.add_argument("--attention", default="xla", choices=["xla", "cudnn"])
+  p.add_argument("--remat", default="none")
+  p.add_argument("--scan", action="store_true", help="scan over layers")
+  p.add_argument("--torch", action="store_true", help="also run the PyTorch baseline")
+  p.add_argument("--peak_tflops", type=float, default=None, help="chip peak for MFU")
+  return p.parse_args()
+
+
+def model_config(args) -> ModelConfig:
+  if args.preset == "bench_small":
+    # A small Llama shape that a 2-core CPU trains in about a second per step.
+    cfg = ModelConfig(
+      vocab_size=2048, d_model=256, num_layers=4, num_heads=8, num_kv_heads=4, mlp_dim=704,
+      norm_eps=1e-5, max_seq_len=4096,
+    )  # fmt: skip
+  else:
+    cfg = ModelConfig.preset(args.preset)
+  return cfg.replace(
+    dtype=args.dtype, attention_impl=args.attention, remat=args.remat, scan_layers=args.scan
+  )
+
+
+def batch_np(args, vocab):
+  rng = np.random.RandomState(0)
+  tokens = rng.randint(0, vocab, (args.batch, args.seq)).astype(np.int32)
+  return {
+    "tokens": tokens,
+    "segment_ids": np.ones_like(tokens),
+    "positions": np.tile(np.arange(args.seq, dtype=np.int32), (args.batch, 1)),
+    "loss_mask": np.ones(tokens.shape, bool),
+  }
+
+
+def time_steps(run_step, sync, warmup, steps):
+  for _ in range(warmup):
+    run_step()
+  sync()
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    run_step()
+    sync()
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def bench_jax(args, cfg):
+  model = Transformer(cfg)
+  opt = {"name": "adamw", "lr": 1e-4, "warmup_steps": 0, "clip_norm": 1.0, "weight_decay": 0.0}
+  tx, sched = make_optimizer(opt, 1000)
+  mesh = make_mesh({"data": -1})
+  with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
+    state, shardings = init_train_state(
+      lambda r: model.init(r, jnp.zeros((1, 8), jnp.int32))["params"], tx, jax.random.PRNGKey(0),
+      mesh, DEFAULT_RULES,
+    )  # fmt: skip
+    step = jax.jit(
+      make_train_step(model, tx, sched, "sft", 1), in_shardings=(shardings, batch_sharding(mesh)),
+      out_shardings=(shardings, None), donate_argnums=(0,),
+    )  # fmt: skip
+    batch = {k: jax.device_put(v, batch_sharding(mesh, v.ndim))
+             for k, v in batch_np(args, cfg.vocab_size).items()}  # fmt: skip
+    box = {"state": state, "metrics": None}
+    t0 = time.perf_counter()
+    box["state"], box["metrics"] = step(box["state"], batch)
+    jax.block_until_ready(box["metrics"])
+    compile_s = time.perf_counter() - t0
+
+    def run():
+      box["state"], box["metrics"] = step(box["state"], batch)
+
+    dt = time_steps(run, lambda: jax.block_until_ready(box["metrics"]), args.warmup, args.steps)
+  return dt, compile_s, float(box["metrics"]["loss"])
+
+
+def bench_torch(args, cfg):
+  import torch
+  from transformers import LlamaConfig, LlamaForCausalLM
+
+  torch.manual_seed(0)
+  dev = "cuda" if torch.cuda.is_available() else "cpu"
+  if dev == "cpu":
+    torch.set_num_threads(os.cpu_count() or 1)
+  hf_cfg = LlamaConfig(
+    vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.mlp_dim,
+    num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+    num_key_value_heads=cfg.num_kv_heads, max_position_embeddings=cfg.max_seq_len,
+    rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings,
+    attn_implementation="sdpa",
+  )  # fmt: skip
+  dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+  model = LlamaForCausalLM(hf_cfg).to(dev, dtype=dtype)
+  model.train()
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+  tokens = torch.from_numpy(batch_np(args, cfg.vocab_size)["tokens"].astype(np.int64)).to(dev)
+
+  def run():
+    out = model(input_ids=tokens, labels=tokens)
+    out.loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+  sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+  return time_steps(run, sync, args.warmup, args.steps)
+
+
+def main():
+  args = parse()
+  cfg = model_config(args)
+  tokens = args.batch * args.seq
+  flops = cfg.flops_per_token(args.seq) * tokens
+  dev = jax.devices()[0]
+  peak = args.peak_tflops
+  if peak is None:
+    peak = next((v for k, v in PEAK_TFLOPS.items() if k in getattr(dev, "device_kind", "")), None)
+  print(
+    f"device: {dev.device_kind} x{jax.device_count()}; model: {cfg.num_params() / 1e6:.1f}M "
+    f"params, batch {args.batch} x {args.seq} tokens, {args.dtype}, attention {args.attention}"
+  )
+
+  def line(name, dt):
+    mfu = f", MFU {100 * flops / dt / (peak * 1e12):.1f}%" if peak else ""
+    print(
+      f"{name:>10}: {dt * 1e3:9.1f} ms/step, {tokens / dt:10.0f} tokens/s, "
+      f"{flops / dt / 1e12:.3f} TFLOP/s{mfu}"
+    )
+
+  dt_jax, compile_s, loss = bench_jax(args, cfg)
+  print(f"critic_jax compile + first step {compile_s:.1f} s (loss {loss:.3f})")
+  line("critic_jax", dt_jax)
+  if args.torch:
+    dt_torch = bench_torch(args, cfg)
+    line("pytorch", dt_torch)
+    print(f"ratio (critic_jax tokens/s over PyTorch tokens/s): {dt_torch / dt_jax:.2f}x")
+
+
+if __name__ == "__main__":
+  main()
