@@ -17,7 +17,7 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
-__all__ = ["Checkpointer", "PreemptionGuard"]
+__all__ = ["Checkpointer", "PreemptionGuard", "load_params"]
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,47 @@ class Checkpointer:
   def close(self) -> None:
     self._mngr.wait_until_finished()
     self._mngr.close()
+
+
+def load_params(workdir: str, abstract_params: Any, step: int | None = None) -> Any:
+  """Restores only the params of a critic_jax run (e.g. an SFT run, to start DPO from it).
+
+  Args:
+    workdir: the run's workdir (holding `checkpoints/`) or its checkpoint directory.
+    abstract_params: ShapeDtypeStructs with shardings: every device reads only its shard.
+    step: which checkpoint (default: the latest).
+  """
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    directory = workdir
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"config.init.checkpoint: no checkpoint directory at {workdir!r}")
+  mngr = ocp.CheckpointManager(
+    os.path.abspath(directory), item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+    options=ocp.CheckpointManagerOptions(read_only=True),
+  )  # fmt: skip
+  step = mngr.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"config.init.checkpoint: {directory!r} holds no finished checkpoint")
+  target = {"params": abstract_params}
+  try:
+    out = mngr.restore(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+          item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+          partial_restore=True,
+        )
+      ),
+    )  # fmt: skip
+  except (ValueError, KeyError) as e:
+    raise ValueError(
+      f"config.init.checkpoint: the params in {directory!r} (step {step}) do not match this "
+      f"model: {e}"
+    ) from e
+  finally:
+    mngr.close()
+  return out["state"]["params"]
 
 
 class PreemptionGuard:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -20,14 +20,16 @@ from critic_jax.parallel import (
   maybe_initialize,
   rules_from_config,
 )
-from critic_jax.train.checkpoint import Checkpointer
+from critic_jax.train.checkpoint import Checkpointer, load_params
 from critic_jax.train.state import TrainState, abstract_with_shardings, init_train_state
 
 __all__ = [
   "setup_mesh",
   "model_config_from",
   "build_model",
+  "fresh_state",
   "init_or_restore",
+  "maybe_restore",
   "BatchFeeder",
   "save_config",
 ]
@@ -67,20 +69,45 @@ def build_model(mcfg: ModelConfig) -> tuple[Transformer, Callable[[jax.Array], A
   return model, init_params
 
 
+def fresh_state(
+  init_params, tx, seed: int, mesh: Mesh, rules, init_cfg=None
+) -> tuple[TrainState, Any]:
+  """A sharded fresh state; `config.init.checkpoint` (a critic_jax workdir) replaces its params.
+
+  Returns (state, state shardings).
+  """
+  state, shardings = init_train_state(init_params, tx, jax.random.PRNGKey(seed), mesh, rules)
+  source = (init_cfg or {}).get("checkpoint", "") if init_cfg is not None else ""
+  if source:
+    abstract = abstract_with_shardings(state.params, shardings.params)
+    params = load_params(source, abstract)
+    opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+    state = state.replace(params=params, opt_state=opt_state)
+    log.info("initialised params from the checkpoint in %s", source)
+  return state, shardings
+
+
+def maybe_restore(
+  state: TrainState, shardings, ckpt: Checkpointer | None
+) -> tuple[TrainState, dict | None]:
+  """The latest checkpoint in `ckpt`, restored into `shardings`, or `state` when there is none."""
+  step = ckpt.latest_step() if ckpt is not None else None
+  if step is None:
+    return state, None
+  log.info("resuming from checkpoint step %d in %s", step, ckpt.directory)
+  return ckpt.restore(step, abstract_with_shardings(state, shardings))
+
+
 def init_or_restore(
-  init_params, tx, seed: int, mesh: Mesh, rules, ckpt: Checkpointer | None
+  init_params, tx, seed: int, mesh: Mesh, rules, ckpt: Checkpointer | None, init_cfg=None
 ) -> tuple[TrainState, Any, dict | None]:
-  """Sharded fresh init, or the latest checkpoint restored into the same shardings.
+  """Sharded fresh init (see `fresh_state`), or the latest checkpoint in the same shardings.
 
   Returns (state, state shardings, data iterator state or None when fresh).
   """
-  state, shardings = init_train_state(init_params, tx, jax.random.PRNGKey(seed), mesh, rules)
-  step = ckpt.latest_step() if ckpt is not None else None
-  if step is None:
-    return state, shardings, None
-  log.info("resuming from checkpoint step %d in %s", step, ckpt.directory)
-  restored, data_state = ckpt.restore(step, abstract_with_shardings(state, shardings))
-  return restored, shardings, data_state
+  state, shardings = fresh_state(init_params, tx, seed, mesh, rules, init_cfg)
+  state, data_state = maybe_restore(state, shardings, ckpt)
+  return state, shardings, data_state
 
 
 class BatchFeeder:
@@ -88,21 +115,28 @@ class BatchFeeder:
 
   Every host iterates the same global stream (so the data order does not depend
   on the number of hosts) and keeps rows `host_rows(B)`; `make_global_batch`
-  stitches the hosts' rows into arrays sharded over the batch axes.
+  stitches the hosts' rows into arrays sharded over the batch axes. `extra`
+  (batch -> more fields, e.g. cached reference log-probs) runs on the host.
   """
 
-  def __init__(self, dataset, mesh: Mesh, global_batch: int, state: dict | None = None):
+  def __init__(self, dataset, mesh: Mesh, global_batch: int, state: dict | None = None,
+               extra: Callable[[dict], dict] | None = None):  # fmt: skip
     self.mesh = mesh
     self.rows = host_rows(global_batch)
+    self.extra = extra
     self._it = iter(dataset)
     if state:
       self._it.set_state(state)
 
   def next(self) -> tuple[dict[str, jax.Array], int]:
     """(global batch, number of real tokens in it)."""
-    batch = next(self._it)
+    batch = dict(next(self._it))
+    if self.extra is not None:
+      batch.update(self.extra(batch))
     local = {k: np.asarray(v)[self.rows] for k, v in batch.items()}
-    tokens = int(np.sum(np.asarray(batch["segment_ids"]) != 0)) if "segment_ids" in batch else 0
+    tokens = sum(
+      int(np.sum(np.asarray(v) != 0)) for k, v in batch.items() if k.endswith("segment_ids")
+    )
     return make_global_batch(local, self.mesh), tokens
 
   def get_state(self) -> dict:
@@ -114,11 +148,3 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
-
-
-def scalars(metrics: Mapping[str, Any]) -> dict[str, Any]:
-  return {k: v for k, v in metrics.items() if getattr(v, "ndim", 0) == 0}
-
-
-def take(it: Iterator, n: int) -> list:
-  return [next(it) for _ in range(n)]

@@ -10,7 +10,6 @@ and SIGTERM handling.
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -21,15 +20,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import tqdm
 
-from critic_jax.data import Example, encode_prompts, make_task, make_tokenizer, sft_dataset
+from critic_jax.data import Example, make_task, make_tokenizer, sft_dataset
 from critic_jax.data.jsonl import load_sft_jsonl
 from critic_jax.losses import LOSSES
 from critic_jax.models import Transformer
 from critic_jax.parallel import batch_sharding, to_host
-from critic_jax.sampler import greedy_generate
-from critic_jax.train.checkpoint import Checkpointer, PreemptionGuard
+from critic_jax.train.checkpoint import Checkpointer
 from critic_jax.train.common import (
   BatchFeeder,
   build_model,
@@ -38,7 +35,9 @@ from critic_jax.train.common import (
   save_config,
   setup_mesh,
 )
-from critic_jax.train.metrics import MetricWriter, StepTimer
+from critic_jax.train.evaluate import GreedyTaskEval, eval_batch_size
+from critic_jax.train.loop import train_loop
+from critic_jax.train.metrics import MetricWriter
 from critic_jax.train.optim import make_optimizer
 from critic_jax.train.state import TrainState
 
@@ -151,36 +150,25 @@ def _examples(config, task, tokenizer) -> tuple[list[Example], list[Example]]:
   raise ValueError(f"config.data.source must be 'task' or 'jsonl', got {d.source!r}")
 
 
-def _pad_rows(n: int, multiple: int) -> int:
-  return int(math.ceil(n / multiple) * multiple)
-
-
 class Evaluator:
-  """Held-out loss, and exact-match accuracy of greedy decoding when a task can score it."""
+  """Held-out SFT loss, and exact-match accuracy of greedy decoding when a task can score it."""
 
   def __init__(self, config, model, tokenizer, task, examples: Sequence[Example], mesh):
-    self.config, self.model, self.tok, self.task = config, model, tokenizer, task
+    self.config, self.tok, self.task, self.mesh = config, tokenizer, task, mesh
     self.examples = list(examples)
-    self.mesh = mesh
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    self.batch = _pad_rows(min(config.eval.batch_size, max(len(self.examples), 1)), shards)
+    self.batch = eval_batch_size(config.eval.batch_size, len(self.examples), mesh)
     self._eval_step = jax.jit(make_eval_step(model, config.loss))
-    self._generate = jax.jit(
-      lambda p, t, n: greedy_generate(
-        model, p, t, n, config.eval.max_new_tokens, tokenizer.eos_id, tokenizer.pad_id
-      )
-    )
-
-  def _chunks(self):
-    for i in range(0, len(self.examples), self.batch):
-      yield self.examples[i : i + self.batch]
-
-  def _put(self, arr: np.ndarray) -> jax.Array:
-    return jax.device_put(arr, batch_sharding(self.mesh, arr.ndim))
+    self.greedy = None
+    if task is not None and self.examples:
+      self.greedy = GreedyTaskEval(
+        model, tokenizer, task, self.examples, mesh, batch_size=config.eval.batch_size,
+        max_new_tokens=config.eval.max_new_tokens,
+      )  # fmt: skip
 
   def loss(self, params) -> dict[str, float]:
     nll, count = 0.0, 0.0
-    for chunk in self._chunks():
+    for i in range(0, len(self.examples), self.batch):
+      chunk = self.examples[i : i + self.batch]
       ds = sft_dataset(
         chunk, self.tok, seq_len=self.config.data.seq_len, batch_size=len(chunk), shuffle=False,
         num_epochs=1,
@@ -190,30 +178,18 @@ class Evaluator:
       batch = {
         k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in batch.items()
       }
-      out = self._eval_step(params, {k: self._put(v) for k, v in batch.items()})
+      put = {k: jax.device_put(v, batch_sharding(self.mesh, v.ndim)) for k, v in batch.items()}
+      out = self._eval_step(params, put)
       nll += float(to_host(out["nll_sum"]))
       count += float(to_host(out["num_tokens"]))
     return {"loss": nll / max(count, 1.0)}
-
-  def generate(self, params, prompts: Sequence[str]) -> list[str]:
-    texts = []
-    for i in range(0, len(prompts), self.batch):
-      chunk = list(prompts[i : i + self.batch])
-      enc = encode_prompts(chunk + [chunk[-1]] * (self.batch - len(chunk)), self.tok)
-      out, _ = self._generate(params, self._put(enc["tokens"]), self._put(enc["lengths"]))
-      out = to_host(out)[: len(chunk)]
-      texts.extend(self.tok.decode(row) for row in out)
-    return texts
 
   def __call__(self, params) -> dict[str, float]:
     if not self.examples:
       return {}
     metrics = self.loss(params)
-    if self.task is not None:
-      texts = self.generate(params, [e.prompt for e in self.examples])
-      correct = [self.task.score(e, t) for e, t in zip(self.examples, texts, strict=True)]
-      metrics["accuracy"] = float(np.mean(correct))
-      self.last_samples = list(zip(self.examples[:5], texts[:5], strict=False))
+    if self.greedy is not None:
+      metrics["accuracy"], self.last_samples = self.greedy.accuracy(params)
     return metrics
 
 
@@ -244,7 +220,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints,
       async_save=config.train.async_checkpoint,
     )  # fmt: skip
-    state, shardings, data_state = init_or_restore(init_params, tx, config.seed, mesh, rules, ckpt)
+    state, shardings, data_state = init_or_restore(
+      init_params, tx, config.seed, mesh, rules, ckpt, config.get("init")
+    )
     feeder = BatchFeeder(dataset, mesh, config.data.batch_size, data_state)
     start = int(jax.device_get(state.step))
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
@@ -258,46 +236,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       donate_argnums=(0,),
     )  # fmt: skip
     evaluator = Evaluator(config, model, tokenizer, task, eval_examples, mesh)
-    writer = MetricWriter(workdir)
-    timer = StepTimer()
-    final: dict[str, Any] = {"step": start}
-
-    # --- loop -------------------------------------------------------------------
-    pbar = tqdm.tqdm(
-      total=total_steps, initial=start, desc="sft", dynamic_ncols=True,
-      disable=jax.process_index() != 0 or not config.train.progress_bar,
+    _, final = train_loop(
+      state=state, step_fn=step_fn, next_batch=feeder.next, data_state=feeder.get_state,
+      evaluate=(lambda st: evaluator(st.params)) if evaluator.examples else None, ckpt=ckpt,
+      writer=MetricWriter(workdir), train_cfg=config.train, desc="sft",
     )  # fmt: skip
-    with PreemptionGuard() as guard:
-      step = start
-      metrics = None
-      while step < total_steps:
-        batch, n_tokens = feeder.next()
-        state, metrics = step_fn(state, batch)
-        step += 1
-        timer.tick(n_tokens)
-        pbar.update(1)
-        last = step == total_steps
-        if step % config.train.log_every == 0 or last:
-          vals = writer.write(step, {**metrics, **timer.rates()}, prefix="train/")
-          pbar.set_postfix(
-            loss=f"{vals['train/loss']:.4f}", tok_s=f"{vals['train/tokens_per_sec']:.0f}"
-          )
-          final.update(vals)
-        if config.train.eval_every and (step % config.train.eval_every == 0 or last):
-          ev = writer.write(step, evaluator(state.params), prefix="eval/")
-          final.update(ev)
-          pbar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in ev.items()))
-        if step % config.train.ckpt_every == 0 or last or guard.requested:
-          ckpt.save(step, state, feeder.get_state())
-        if guard.requested:
-          log.warning("stopping at step %d after SIGTERM; checkpoint saved", step)
-          final["preempted"] = True
-          break
-    if config.train.eval_every and not any(k.startswith("eval/") for k in final):
-      # Resumed at the last step: report the held-out metrics anyway.
-      final.update(writer.write(step, evaluator(state.params), prefix="eval/"))
-    pbar.close()
-    ckpt.close()
-    writer.close()
-    final["step"] = step
     return final
