@@ -1,12 +1,21 @@
-"""Grouped-query causal self-attention with an optional KV cache.
+"""Grouped-query causal self-attention, with cached keys/values for decoding.
 
-Training and decoding run the same code: with a cache, the new keys/values are
-written at slot `cache_index[b] + t` of each row and the queries attend over the
-whole cache under a mask built by `decode_mask`.
+Training runs `jax.nn.dot_product_attention` over the sequence (the cuDNN
+flash-attention kernel on GPUs). Decoding attends the new tokens over cached
+key/value *segments* (a per-row cache, or a prompt cache shared by G samples
+plus the samples' own generated keys/values, see `attend`) without
+concatenating them.
+
+Cache layout: keys `[B, K, S, H]`, values transposed `[B, K, H, S]` (K kv heads,
+S slots, H head dim). Both attention contractions (q.k over H, p.v over S) then
+run over the minor dimension of both operands, so no backend has to transpose
+the cache to feed its matmul (XLA on CPU did, for every step and layer).
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -15,7 +24,10 @@ import jax.numpy as jnp
 
 from critic_jax.models.layers import Linear, Norm, apply_rope, constrain
 
-__all__ = ["Attention", "causal_mask", "decode_mask", "write_cache"]
+__all__ = ["Attention", "attend", "causal_mask", "decode_mask", "write_cache"]
+
+CACHE_AXES = ("act_batch", "act_kv_heads", "act_cache_length", "act_head_dim")
+VALUE_CACHE_AXES = ("act_batch", "act_kv_heads", "act_head_dim", "act_cache_length")
 
 
 def causal_mask(
@@ -60,20 +72,104 @@ def decode_mask(
   return mask[:, None]
 
 
-def write_cache(cache: jax.Array, new: jax.Array, cache_index: jax.Array) -> jax.Array:
-  """Writes `new [B, T, K, H]` into `cache [B, S, K, H]` at row offsets `cache_index [B]`."""
+def write_cache(
+  cache: jax.Array, new: jax.Array, cache_index: jax.Array, seq_axis: int = 1
+) -> jax.Array:
+  """Writes `new` into `cache` at per-row slots `cache_index [B]` along `seq_axis`.
+
+  Keys: `new [B, K, T, H]` into `cache [B, K, S, H]` (seq_axis=1 of a row); values
+  (transposed): `[B, K, H, T]` into `[B, K, H, S]` (seq_axis=2). A batched
+  `dynamic_update_slice`: in place when `cache` is a donated buffer.
+  """
 
   def one(c, n, i):
-    return jax.lax.dynamic_update_slice(c, n.astype(c.dtype), (i, 0, 0))
+    start = [0] * c.ndim
+    start[seq_axis] = i
+    return jax.lax.dynamic_update_slice(c, n.astype(c.dtype), tuple(start))
 
   return jax.vmap(one)(cache, new, cache_index)
 
 
-class Attention(nn.Module):
-  """Multi-head attention with GQA, optional QKV bias, q/k norm, RoPE and KV cache.
+def _group_mask(mask: jax.Array, b: int, bk: int) -> jax.Array:
+  """`[Bm, T|1, S]` mask -> `[Bk, G|1, T|1, 1, 1, S]` for the grouped query layout."""
+  if mask.ndim != 3:
+    raise ValueError(f"segment masks must be [B, T, S], got shape {mask.shape}")
+  bm = mask.shape[0]
+  if bm == 1:
+    m = mask[:, None]
+  elif bm == bk:
+    m = mask[:, None]
+  elif bm == b:
+    m = mask.reshape((bk, b // bk) + mask.shape[1:])
+  else:
+    raise ValueError(f"segment mask batch {bm} is none of 1, {bk} (kv rows) or {b} (queries)")
+  return m[:, :, :, None, None, :]
 
-  Shapes: x `[B, T, D]`; q `[B, T, N, H]`; k, v `[B, T, K, H]`; cache k/v
-  `[B, S, K, H]`; mask `[B, 1, T, S]` bool.
+
+def attend(
+  q: jax.Array,
+  segments: Sequence[tuple[jax.Array, jax.Array, jax.Array]],
+  scale: float | None = None,
+) -> jax.Array:
+  """Softmax attention of `q` over the union of several key/value segments.
+
+  Equals `dot_product_attention` over the keys/values concatenated along the
+  sequence axis (with the concatenated mask), without concatenating them:
+  logits are computed per segment, one softmax runs over all of them (float32,
+  masked logits set to the same large negative value as `jax.nn`), and the
+  per-segment weighted values are summed. Both contractions are batched
+  matmuls over (row, kv head) contracting the minor dimension of both operands,
+  reading each cached key/value once.
+
+  Args:
+    q: `[B, T, N, H]` queries; head n uses kv head n // (N / K).
+    segments: `(k, v, mask)` triples: keys `[Bk, K, S, H]`, values transposed
+      `[Bk, K, H, S]`, with B % Bk == 0; query row b reads kv row b // (B / Bk),
+      so G = B / Bk consecutive rows (the samples of one prompt) share a prompt's
+      keys without copying them. mask: `[Bm, T or 1, S]` bool, Bm in {1, Bk, B}.
+    scale: logit scale (default 1/sqrt(H)).
+  Returns:
+    `[B, T, N, H]` in the value dtype.
+  """
+  b, t, n, h = q.shape
+  kh = segments[0][0].shape[1]
+  if n % kh:
+    raise ValueError(f"{n} query heads are not a multiple of {kh} kv heads")
+  r = n // kh
+  scale = h**-0.5 if scale is None else scale
+  big_neg = jnp.float32(-0.7 * jnp.finfo(jnp.float32).max)
+  logits, row_groups = [], []
+  for k, v, mask in segments:
+    bk = k.shape[0]
+    if b % bk or k.shape[1] != kh or k.shape[3] != h or v.shape != k.shape[:2] + (h, k.shape[2]):
+      raise ValueError(f"segment k {k.shape} / v {v.shape} does not fit queries {q.shape}")
+    g = b // bk
+    qg = q.reshape(bk, g, t, kh, r, h)
+    lg = jnp.einsum("bgtkrh,bksh->bgtkrs", qg, k, preferred_element_type=jnp.float32)
+    lg = jnp.where(_group_mask(mask, b, bk), lg * jnp.float32(scale), big_neg)
+    logits.append(lg)
+    row_groups.append((bk, g))
+  # One softmax over all segments: a shared max and a shared normaliser [B, T, N].
+  m = functools.reduce(jnp.maximum, [jnp.max(lg, -1).reshape(b, t, n) for lg in logits])
+  exps = [
+    jnp.exp(lg - m.reshape(bk, g, t, kh, r)[..., None])
+    for lg, (bk, g) in zip(logits, row_groups, strict=True)
+  ]
+  denom = sum(jnp.sum(e, -1).reshape(b, t, n) for e in exps)
+  out = 0.0
+  for e, (_, v, _), (bk, g) in zip(exps, segments, row_groups, strict=True):
+    p = (e / denom.reshape(bk, g, t, kh, r)[..., None]).astype(v.dtype)
+    o = jnp.einsum("bgtkrs,bkhs->bgtkrh", p, v, preferred_element_type=jnp.float32)
+    out = out + o.reshape(b, t, n, h)
+  return out.astype(segments[-1][1].dtype)
+
+
+class Attention(nn.Module):
+  """Multi-head attention with GQA, optional QKV bias, q/k norm, RoPE and cached context.
+
+  Shapes: x `[B, T, D]`; q `[B, T, N, H]`; mask `[B, 1, T, T]` bool over the new
+  tokens; context segments keys `[Bk, K, S, H]`, values `[Bk, K, H, S]`, masks
+  `[Bm, T|1, S]` (see `attend`).
   """
 
   num_heads: int
@@ -90,9 +186,28 @@ class Attention(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, *, mask, rope=None, layer_cache=None, cache_index=None, lengths=None):
-    """Attends with `mask [B,1,T,S]`; `mask=None` means plain causal attention over
-    right-padded rows of `lengths [B]` real tokens (the cuDNN flash-attention path)."""
+  def __call__(
+    self, x, *, mask, rope=None, context=None, context_masks=None, lengths=None, write_at=None
+  ):
+    """Attends the T new tokens of `x` to `context` (if any) and to themselves.
+
+    Args:
+      x: `[B, T, D]`.
+      mask: `[B, 1, T, T]` self-attention mask, or None for plain causal attention
+        over right-padded rows of `lengths [B]` real tokens (the cuDNN path).
+      rope: (cos, sin) tables `[B, T, H]` or None.
+      context: None, or a sequence of cached (keys, values) segments.
+      context_masks: one `[Bm, T|1, S]` bool mask per context segment.
+      write_at: None, or a `[]` int32 slot: the new keys/values are first written
+        in place into the *last* context segment at that slot (they must fit),
+        and attention then runs over the context alone (its mask must admit the
+        new tokens' own slots causally). Otherwise the new tokens are attended as
+        a segment of their own and the context is left untouched.
+    Returns:
+      (out `[B, T, D]`, kv): kv is the updated last segment (keys `[B, K, S, H]`,
+      values `[B, K, H, S]`) with `write_at`, else this call's keys `[B, K, T, H]`
+      and values `[B, K, H, T]` for the caller to cache.
+    """
 
     def proj(heads, name, axes):
       return Linear(
@@ -113,18 +228,28 @@ class Attention(nn.Module):
     q = constrain(q, ("act_batch", "act_length", "act_heads", "act_head_dim"))
     k = constrain(k, ("act_batch", "act_length", "act_kv_heads", "act_head_dim"))
     v = constrain(v, ("act_batch", "act_length", "act_kv_heads", "act_head_dim"))
+    k_new = constrain(jnp.swapaxes(k, 1, 2), CACHE_AXES)  # [B, K, T, H]
+    v_new = constrain(jnp.transpose(v, (0, 2, 3, 1)), VALUE_CACHE_AXES)  # [B, K, H, T]
 
-    new_cache = None
-    if layer_cache is not None:
-      ck, cv = layer_cache
-      ck = write_cache(ck, k, cache_index)
-      cv = write_cache(cv, v, cache_index)
-      new_cache = (ck, cv)
-      k, v = ck.astype(self.dtype), cv.astype(self.dtype)
-      k = constrain(k, ("act_batch", "act_cache_length", "act_kv_heads", "act_head_dim"))
-      v = constrain(v, ("act_batch", "act_cache_length", "act_kv_heads", "act_head_dim"))
-
-    if mask is None:
+    if context is not None:
+      if mask is None:
+        raise ValueError("attention over a cached context needs an explicit self mask")
+      segments = [list(kv) for kv in context]
+      if write_at is not None:
+        ck, cv = segments[-1]
+        ck = jax.lax.dynamic_update_slice(ck, k_new.astype(ck.dtype), (0, 0, write_at, 0))
+        cv = jax.lax.dynamic_update_slice(cv, v_new.astype(cv.dtype), (0, 0, 0, write_at))
+        segments[-1] = [constrain(ck, CACHE_AXES), constrain(cv, VALUE_CACHE_AXES)]
+        written = tuple(segments[-1])
+      triples = [
+        (constrain(ck.astype(self.dtype), CACHE_AXES),
+         constrain(cv.astype(self.dtype), VALUE_CACHE_AXES), cm)
+        for (ck, cv), cm in zip(segments, context_masks, strict=True)
+      ]  # fmt: skip
+      if write_at is None:
+        triples.append((k_new, v_new, mask[:, 0]))
+      out = attend(q, triples)
+    elif mask is None:
       out = jax.nn.dot_product_attention(
         q, k, v, is_causal=True, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
         implementation=self.implementation,
@@ -136,4 +261,6 @@ class Attention(nn.Module):
       (x.shape[-1],), ("heads", "head_dim", "embed"), in_dims=2, use_bias=self.out_bias,
       std=self.out_init_std, dtype=self.dtype, param_dtype=self.param_dtype, name="o",
     )(out)  # fmt: skip
-    return out, new_cache
+    if context is not None and write_at is not None:
+      return out, written
+    return out, (k_new, v_new)

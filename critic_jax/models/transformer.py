@@ -2,7 +2,10 @@
 
 Used purely functionally: `params = model.init(rng, tokens)["params"]`, then
 `model.apply({"params": params}, tokens, ...)`. The same module trains (full
-sequences, optional packing) and decodes (with a `KVCache`).
+sequences, optional packing) and decodes, either with a per-row `KVCache` that
+the call updates, or with a `DecodeContext` (a prompt cache shared by G samples,
+plus their generated keys/values in chunks, into whose last chunk the call
+writes in place before attending; `critic_jax.sampler` decodes this way).
 """
 
 from __future__ import annotations
@@ -14,20 +17,32 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from critic_jax.models.attention import Attention, causal_mask, decode_mask
+from critic_jax.models.attention import (
+  CACHE_AXES,
+  VALUE_CACHE_AXES,
+  Attention,
+  causal_mask,
+  write_cache,
+)
 from critic_jax.models.config import ModelConfig
 from critic_jax.models.layers import Linear, Mlp, Norm, constrain, rope_cos_sin, rope_inv_freq
 
-__all__ = ["Transformer", "ModelOutput", "KVCache", "last_token_index"]
+__all__ = ["Transformer", "ModelOutput", "KVCache", "DecodeContext", "last_token_index"]
+
+_STACKED_K_AXES = (None,) + CACHE_AXES
+_STACKED_V_AXES = (None,) + VALUE_CACHE_AXES
 
 
 @flax.struct.dataclass
 class KVCache:
   """Per-layer keys and values for decoding.
 
+  The layout is kv-head major, values transposed (`critic_jax.models.attention`),
+  so both attention matmuls read the cache as stored.
+
   Attributes:
-    k: `[L, B, S, K, H]` keys (S = cache length, K = kv heads, H = head dim).
-    v: `[L, B, S, K, H]` values.
+    k: `[L, B, K, S, H]` keys (S = cache length, K = kv heads, H = head dim).
+    v: `[L, B, K, H, S]` values.
   """
 
   k: jax.Array
@@ -36,14 +51,59 @@ class KVCache:
   @classmethod
   def init(cls, config: ModelConfig, batch: int, length: int, dtype=None) -> KVCache:
     shape = (
-      config.num_layers, batch, length, config.num_kv_heads, config.resolved_head_dim,
+      config.num_layers, batch, config.num_kv_heads, length, config.resolved_head_dim,
     )  # fmt: skip
     dtype = dtype or config.compute_dtype
-    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+    v_shape = shape[:3] + (shape[4], shape[3])
+    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(v_shape, dtype))
 
   @property
   def length(self) -> int:
-    return self.k.shape[2]
+    return self.k.shape[3]
+
+
+@flax.struct.dataclass
+class DecodeContext:
+  """Cached keys/values for decoding: a shared prompt prefix and generated chunks.
+
+  Rows are samples; the G = B / Bp consecutive samples b*G .. b*G+G-1 share prompt
+  row b, whose keys/values are stored once (no G-fold copy, no G-fold prefill).
+  Generated keys/values live in chunks so that a step reads only the chunks that
+  hold tokens (the caller passes a prefix of the chunk list). A decode call
+  writes its T tokens' keys/values in place into the *last* chunk it is given,
+  at generated index num_generated (they must fit in that chunk), attends over
+  the prompt and every generated slot up to its own, and returns the updated
+  context in `ModelOutput.context`.
+
+  Attributes:
+    prefix_k: L-tuple of `[Bp, K, P, H]` prompt keys (P = padded prompt length).
+    prefix_v: L-tuple of `[Bp, K, H, P]` prompt values (transposed).
+    prefix_len: `[Bp]` int32 real tokens per prompt; slots >= prefix_len are masked.
+    k: L-tuple (layers) of tuples (chunks) of `[B, K, C_j, H]` keys of generated
+      tokens; chunk j holds generated tokens sum(C_<j) .. sum(C_<=j) - 1.
+    v: values, the same structure with `[B, K, H, C_j]` chunks.
+    num_generated: `[]` int32 generated tokens already stored (later slots are
+      masked). The new tokens sit at positions prefix_len + num_generated + t.
+  """
+
+  prefix_k: tuple
+  prefix_v: tuple
+  prefix_len: jax.Array
+  k: tuple
+  v: tuple
+  num_generated: jax.Array
+
+  @property
+  def num_prompts(self) -> int:
+    return self.prefix_len.shape[0]
+
+  @property
+  def chunk_sizes(self) -> tuple[int, ...]:
+    return tuple(c.shape[2] for c in self.k[0])
+
+  @property
+  def last_chunk_start(self) -> int:
+    return sum(self.chunk_sizes[:-1])
 
 
 @flax.struct.dataclass
@@ -56,6 +116,10 @@ class ModelOutput:
     values: `[B, T]` float32 per-token values V(s_t), or None.
     rewards: `[B]` float32 sequence rewards read at the last non-pad token, or None.
     cache: the updated `KVCache` when one was passed in, else None.
+    kv: a `KVCache` of this call's own keys `[L, B, K, T, H]` and values
+      `[L, B, K, H, T]` when `return_kv=True` (or a cache was passed), else None.
+    context: the `DecodeContext` passed in, with this call's keys/values written
+      into its last chunk and num_generated advanced by T; else None.
   """
 
   hidden: jax.Array
@@ -63,6 +127,8 @@ class ModelOutput:
   values: jax.Array | None = None
   rewards: jax.Array | None = None
   cache: KVCache | None = None
+  kv: KVCache | None = None
+  context: DecodeContext | None = None
 
 
 def last_token_index(segment_ids: jax.Array) -> jax.Array:
@@ -77,19 +143,19 @@ class Block(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x, layer_cache, rope, mask, cache_index, lengths):
+  def __call__(self, x, context, context_masks, rope, mask, lengths, write_at):
     cfg = self.config
     dt, pdt = cfg.compute_dtype, cfg.params_dtype
     out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
     norm = dict(kind=cfg.norm, eps=cfg.norm_eps, dtype=dt, param_dtype=pdt)
-    h, new_cache = Attention(
+    h, kv = Attention(
       num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.resolved_head_dim,
       qkv_bias=cfg.qkv_bias, out_bias=cfg.out_bias, qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps,
       init_std=cfg.init_std, out_init_std=out_std, implementation=cfg.attention_impl,
       dtype=dt, param_dtype=pdt, name="attn",
     )(
-      Norm(**norm, name="attn_norm")(x), mask=mask, rope=rope, layer_cache=layer_cache,
-      cache_index=cache_index, lengths=lengths,
+      Norm(**norm, name="attn_norm")(x), mask=mask, rope=rope, context=context,
+      context_masks=context_masks, lengths=lengths, write_at=write_at,
     )  # fmt: skip
     x = x + h
     h = Mlp(
@@ -97,7 +163,7 @@ class Block(nn.Module):
       out_init_std=out_std, dtype=dt, param_dtype=pdt, name="mlp",
     )(Norm(**norm, name="mlp_norm")(x))  # fmt: skip
     x = constrain(x + h, ("act_batch", "act_length", "act_embed"))
-    return x, new_cache
+    return x, kv
 
 
 _REMAT = {
@@ -134,14 +200,20 @@ class Transformer(nn.Module):
 
   Call arguments:
     tokens: `[B, T]` int32 token ids.
-    positions: `[B, T]` int32 positions (default: arange per row, or cache_index + t
-      when decoding; packed rows pass positions that restart per segment).
+    positions: `[B, T]` int32 positions (default: arange per row, cache_index + t
+      with a cache, prefix_len + num_generated + t with a context; packed rows pass
+      positions that restart per segment).
     segment_ids: `[B, T]` int32; 0 marks padding, equal ids attend to each other
-      (packing). Default: all ones.
+      (packing). Default: all ones. Ignored when decoding.
     attn_mask: optional `[B, T, T]` bool AND-ed into the causal mask (training only).
     cache: optional `KVCache`; new keys/values are written at slots
-      `cache_index[b] + t` and attention spans the cache.
+      `cache_index[b] + t` and attention spans the cache slots before them.
     cache_index: `[B]` int32 write offsets (required with `cache`).
+    context: optional `DecodeContext` (prompt keys/values shared by G samples per
+      prompt, plus generated keys/values in chunks): the call writes its tokens'
+      keys/values into the last chunk given, in place under donation, attends, and
+      returns the updated context in `ModelOutput.context`.
+    return_kv: also return this call's keys/values in `ModelOutput.kv` (prefill).
     heads: which heads to compute this call (default: all configured heads).
   """
 
@@ -170,7 +242,7 @@ class Transformer(nn.Module):
         block,
         variable_axes={"params": 0},
         split_rngs={"params": True},
-        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
         length=cfg.num_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
       )(cfg, name="layers")
@@ -189,6 +261,54 @@ class Transformer(nn.Module):
     if "reward" in cfg.heads:
       self.reward_head = ScalarHead(cfg.scalar_head_init, cfg.params_dtype)
 
+  def lm_logits(self, hidden: jax.Array) -> jax.Array:
+    """Next-token logits `[B, T, V]` (compute dtype) from final hidden states `[B, T, D]`.
+
+    Apply with `method="lm_logits"` to project only the positions one needs
+    (e.g. the last prompt token after a prefill with `heads=()`).
+    """
+    if "lm" not in self.config.heads:
+      raise ValueError(f"head 'lm' is not on this model (model.heads={self.config.heads})")
+    if self.config.tie_embeddings:
+      logits = self.embed.attend(hidden)
+    else:
+      logits = self.lm_head(hidden)
+    return constrain(logits, ("act_batch", "act_length", "act_vocab"))
+
+  def _cache_masks(self, cache_index, t: int, s: int):
+    """Masks for the per-row `KVCache`: slots before cache_index, and causal new tokens."""
+    w = self.config.sliding_window
+    slot = jnp.arange(s)
+    q_slot = cache_index[:, None] + jnp.arange(t)[None, :]
+    cmask = jnp.broadcast_to(
+      slot[None, None, :] < cache_index[:, None, None], (len(cache_index), 1, s)
+    )
+    if w is not None:
+      cmask = cmask & ((q_slot[:, :, None] - slot[None, None, :]) < w)
+    return (cmask,), _self_mask(t, w)
+
+  def _context_masks(self, ctx: DecodeContext, t: int):
+    """Masks for a `DecodeContext`: prompt slots < prefix_len; generated slots up to
+    each new token's own (the new tokens are written into the last chunk first)."""
+    w = self.config.sliding_window
+    n = ctx.num_generated
+    p = ctx.prefix_k[0].shape[2]
+    slot = jnp.arange(p)
+    pmask = slot[None, None, :] < ctx.prefix_len[:, None, None]  # [Bp, 1, P]
+    if w is not None:
+      q_pos = ctx.prefix_len[:, None] + n + jnp.arange(t)[None, :]  # [Bp, T]
+      pmask = pmask & ((q_pos[:, :, None] - slot[None, None, :]) < w)
+    masks, start = [pmask], 0
+    q_slot = n + jnp.arange(t)  # generated index of each new token
+    for size in ctx.chunk_sizes:
+      g = start + jnp.arange(size)
+      m = g[None, :] <= q_slot[:, None]  # [T, C]
+      if w is not None:
+        m = m & ((q_slot[:, None] - g[None, :]) < w)
+      masks.append(m[None])
+      start += size
+    return tuple(masks), _self_mask(t, w)
+
   def __call__(
     self,
     tokens: jax.Array,
@@ -198,6 +318,8 @@ class Transformer(nn.Module):
     attn_mask: jax.Array | None = None,
     cache: KVCache | None = None,
     cache_index: jax.Array | None = None,
+    context: DecodeContext | None = None,
+    return_kv: bool = False,
     heads: tuple[str, ...] | None = None,
   ) -> ModelOutput:
     cfg = self.config
@@ -207,17 +329,31 @@ class Transformer(nn.Module):
         raise ValueError(f"head {h!r} is not on this model (model.heads={cfg.heads})")
     if tokens.ndim != 2:
       raise ValueError(f"tokens must be [B, T], got shape {tokens.shape}")
+    if cache is not None and context is not None:
+      raise ValueError("pass either a KVCache (cache=) or a DecodeContext (context=), not both")
     b, t = tokens.shape
     if segment_ids is None:
       segment_ids = jnp.ones((b, t), jnp.int32)
 
-    lengths = None
+    lengths, ctx_masks, write_at = None, None, None
     if cache is not None:
       if cache_index is None:
         raise ValueError("decoding with a cache needs cache_index [B]")
       if positions is None:
         positions = cache_index[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-      mask = decode_mask(cache_index, t, cache.length, cfg.sliding_window)
+      ctx_masks, mask = self._cache_masks(cache_index, t, cache.length)
+    elif context is not None:
+      if b % context.num_prompts:
+        raise ValueError(
+          f"{b} rows are not a multiple of the context's {context.num_prompts} prompts"
+        )
+      if len(context.prefix_k) != cfg.num_layers or len(context.k) != cfg.num_layers:
+        raise ValueError(f"the context must hold {cfg.num_layers} layers of keys/values")
+      if positions is None:
+        row_len = jnp.repeat(context.prefix_len, b // context.num_prompts)
+        positions = (row_len + context.num_generated)[:, None] + jnp.arange(t, dtype=jnp.int32)
+      ctx_masks, mask = self._context_masks(context, t)
+      write_at = context.num_generated - context.last_chunk_start
     else:
       if positions is None:
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -237,28 +373,61 @@ class Transformer(nn.Module):
       rope = rope_cos_sin(positions, inv_freq)
     x = constrain(x, ("act_batch", "act_length", "act_embed"))
 
-    layer_caches = None if cache is None else (cache.k, cache.v)
+    # Per layer: the cached (k, v) segments attended before the new tokens.
+    def layer_context(i):
+      if cache is not None:
+        return ((cache.k[i], cache.v[i]),)
+      if context is not None:
+        chunks = zip(context.k[i], context.v[i], strict=True)
+        return ((context.prefix_k[i], context.prefix_v[i]),) + tuple(chunks)
+      return None
+
+    # Per layer: keys/values returned by the blocks (this call's own, or with a
+    # context the updated last chunk).
     if cfg.scan_layers:
-      x, new = self.layers(x, layer_caches, rope, mask, cache_index, lengths)
-      new_cache = None if cache is None else KVCache(k=new[0], v=new[1])
+      stacked = None
+      if cache is not None:
+        stacked = ((cache.k, cache.v),)
+      elif context is not None:
+        # nn.scan needs layer-stacked arrays: this copies the context every call;
+        # the sampler decodes with an unscanned copy of the model instead.
+        per_layer = [layer_context(i) for i in range(cfg.num_layers)]
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
+      x, (ks, vs) = self.layers(x, stacked, ctx_masks, rope, mask, lengths, write_at)
+      ks = [ks[i] for i in range(cfg.num_layers)] if context is not None else ks
+      vs = [vs[i] for i in range(cfg.num_layers)] if context is not None else vs
     else:
       ks, vs = [], []
       for i, layer in enumerate(self.layers):
-        lc = None if cache is None else (cache.k[i], cache.v[i])
-        x, nc = layer(x, lc, rope, mask, cache_index, lengths)
-        if nc is not None:
-          ks.append(nc[0])
-          vs.append(nc[1])
-      new_cache = None if cache is None else KVCache(k=jnp.stack(ks), v=jnp.stack(vs))
+        x, (k, v) = layer(x, layer_context(i), ctx_masks, rope, mask, lengths, write_at)
+        ks.append(k)
+        vs.append(v)
+    want_kv = return_kv or cache is not None
+    if want_kv and not cfg.scan_layers:
+      ks, vs = jnp.stack(ks), jnp.stack(vs)
 
     hidden = self.final_norm(x)
-    out = ModelOutput(hidden=hidden, cache=new_cache)
+    out = ModelOutput(hidden=hidden)
+    if cache is not None:
+      write = jax.vmap(write_cache, in_axes=(0, 0, None, None))  # over layers; rows inside
+      out = out.replace(
+        cache=KVCache(
+          k=constrain(write(cache.k, ks, cache_index, 1), _STACKED_K_AXES),
+          v=constrain(write(cache.v, vs, cache_index, 2), _STACKED_V_AXES),
+        )
+      )
+    if want_kv:
+      out = out.replace(kv=KVCache(k=ks, v=vs))
+    if context is not None:
+      out = out.replace(
+        context=context.replace(
+          k=tuple(layer[:-1] + (k,) for layer, k in zip(context.k, ks, strict=True)),
+          v=tuple(layer[:-1] + (v,) for layer, v in zip(context.v, vs, strict=True)),
+          num_generated=context.num_generated + t,
+        )
+      )
     if "lm" in heads:
-      if cfg.tie_embeddings:
-        logits = self.embed.attend(hidden)
-      else:
-        logits = self.lm_head(hidden)
-      out = out.replace(logits=constrain(logits, ("act_batch", "act_length", "act_vocab")))
+      out = out.replace(logits=self.lm_logits(hidden))
     if "value" in heads:
       out = out.replace(values=self.value_head(hidden))
     if "reward" in heads:
@@ -266,3 +435,13 @@ class Transformer(nn.Module):
       h_last = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
       out = out.replace(rewards=self.reward_head(h_last))
     return out
+
+
+def _self_mask(t: int, sliding_window: int | None) -> jax.Array:
+  """Causal mask `[1, 1, T, T]` among T new tokens (with the sliding window)."""
+  idx = jnp.arange(t)
+  diff = idx[:, None] - idx[None, :]
+  mask = diff >= 0
+  if sliding_window is not None:
+    mask &= diff < sliding_window
+  return mask[None, None]

@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 
 from critic_jax.models import KVCache, Transformer
+from critic_jax.sampler.generate import GenerationConfig, generate_on_device
+from critic_jax.sampler.sampling import SamplingConfig
 
 __all__ = ["prefill", "decode_step", "greedy_generate"]
 
@@ -46,25 +48,19 @@ def greedy_generate(
 ) -> tuple[jax.Array, jax.Array]:  # fmt: skip
   """Greedy decoding with the KV cache (jit with `max_new_tokens`, `eos_id` static).
 
+  Runs `generate_on_device` (shared-prefix cache, in-place cache writes, early
+  exit once every row has emitted EOS).
+
   Returns:
     (generated `[B, max_new_tokens]` int32, pad after EOS; number of tokens
     generated per row `[B]`, EOS included).
   """
-  b, p = tokens.shape
-  logits, cache = prefill(model, params, tokens, lengths, p + max_new_tokens)
-  first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
-  def body(t, carry):
-    tok, cache, out, done = carry
-    out = out.at[:, t].set(jnp.where(done, pad_id, tok))
-    done = done | (tok == eos_id)
-    logits, cache = decode_step(model, params, tok, cache, lengths + t)
-    nxt = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return nxt, cache, out, done
-
-  out = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
-  done = jnp.zeros((b,), bool)
-  _, _, out, done = jax.lax.fori_loop(0, max_new_tokens, body, (first, cache, out, done))
-  is_eos = out == eos_id
-  first_eos = jnp.where(jnp.any(is_eos, 1), jnp.argmax(is_eos, 1) + 1, max_new_tokens)
-  return out, first_eos.astype(jnp.int32)
+  cfg = GenerationConfig(
+    max_new_tokens=max_new_tokens, sampling=SamplingConfig("greedy"), stop_tokens=(eos_id,),
+    pad_id=pad_id,
+  )  # fmt: skip
+  b = tokens.shape[0]
+  state = generate_on_device(
+    model, cfg, 1, params, tokens, lengths, jnp.arange(b, dtype=jnp.int32), jax.random.key(0)
+  )
+  return state.tokens, state.lengths

@@ -1,0 +1,579 @@
+"""Sampling with a KV cache: a jitted prefill and decode step, and the host loop over them.
+
+Design (see `Sampler`):
+
+* **Prefill once per prompt.** The B prompts `[B, P]` (right-padded, P a bucket
+  length) run through the training forward once; their keys/values become the
+  prefix of a `DecodeContext` shared by the G samples of each prompt (query rows
+  b*G .. b*G+G-1 read prompt row b), so neither the prefill nor the prompt cache
+  is repeated G times.
+* **Decode steps over a preallocated cache.** Each step feeds the last sampled
+  token of every sample; every layer writes the token's keys/values with one
+  `dynamic_update_slice` into the donated cache buffer (in place: no copy of
+  the cache; checked in the compiled HLO) and then attends over the prompt
+  prefix and the generated chunks; then the next token is sampled. Generated
+  keys/values live in chunks of `kv_chunk` slots; the step for chunk j reads
+  chunks 0..j only (one compiled step per chunk).
+* **Exact log-probs.** The policy log-prob of a sampled token is
+  `token_logprobs(logits, token)` on the raw model logits (the function the
+  trainer uses), so sampler and trainer agree up to float reassociation; the
+  log-prob under the processed (temperature/filtered) distribution is optional.
+* **Deterministic keys.** Every draw uses `fold_in(fold_in(fold_in(rng,
+  prompt_id), sample_index), step)`: results do not depend on batch size,
+  padding, the number of devices, or how a prompt list is chunked.
+* **Finished rows stop contributing**: after its stop token a row emits pad_id
+  with mask 0 and log-prob 0, and the loop exits once every row is done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from critic_jax.losses import token_logprobs
+from critic_jax.models import Transformer
+from critic_jax.models.attention import CACHE_AXES, VALUE_CACHE_AXES
+from critic_jax.models.layers import constrain
+from critic_jax.models.transformer import DecodeContext
+from critic_jax.parallel import (
+  BATCH_AXES,
+  DEFAULT_RULES,
+  batch_sharding,
+  logical_to_sharding,
+  to_host,
+)
+from critic_jax.sampler.sampling import SamplingConfig, sample_tokens
+
+__all__ = [
+  "DEFAULT_PROMPT_BUCKETS",
+  "GenerationConfig",
+  "SampleOutput",
+  "SampleState",
+  "Sampler",
+  "decode_model",
+  "decode_step",
+  "generate_on_device",
+  "init_state",
+  "prefill_prompts",
+  "shard_params",
+  "unscan_params",
+]
+
+DEFAULT_PROMPT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationConfig:
+  """What to generate; every field is static (part of the compiled functions).
+
+  Attributes:
+    max_new_tokens: T, the most tokens sampled per response (stop token included).
+    sampling: the sampling rule (`SamplingConfig`, chosen by name).
+    stop_tokens: ids that end a response (EOS and any others); the stop token is
+      kept in the response and counts in its mask.
+    pad_id: what finished rows emit.
+    vocab_limit: ids >= vocab_limit are never sampled (the model's vocabulary may
+      be padded past the tokenizer's); None samples the whole vocabulary.
+    kv_chunk: generated keys/values are stored in chunks of this many slots and a
+      step reads only the chunks in use (one compiled step per chunk); None: one
+      chunk of T - 1 slots.
+    processed_logprobs: also record log-probs under the processed distribution.
+  """
+
+  max_new_tokens: int
+  sampling: SamplingConfig = SamplingConfig()
+  stop_tokens: tuple[int, ...] = ()
+  pad_id: int = 0
+  vocab_limit: int | None = None
+  kv_chunk: int | None = None
+  processed_logprobs: bool = False
+
+  def __post_init__(self):
+    if self.max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+    if self.kv_chunk is not None and self.kv_chunk < 1:
+      raise ValueError(f"kv_chunk must be >= 1 or None, got {self.kv_chunk}")
+    object.__setattr__(self, "stop_tokens", tuple(int(t) for t in self.stop_tokens))
+
+  @property
+  def cache_slots(self) -> int:
+    """Generated tokens ever fed back (the last sampled one never is)."""
+    return max(self.max_new_tokens - 1, 1)
+
+  @property
+  def chunk_size(self) -> int:
+    return min(self.kv_chunk or self.cache_slots, self.cache_slots)
+
+  @property
+  def num_chunks(self) -> int:
+    return math.ceil(self.cache_slots / self.chunk_size)
+
+
+@flax.struct.dataclass
+class SampleState:
+  """The decode loop's carry (R = B * G sample rows, prompt-major; T = max_new_tokens).
+
+  Attributes:
+    context: `DecodeContext` (prompt prefix `[B, K, P, H]` per layer, generated
+      chunks `[R, K, C, H]`).
+    last: `[R]` int32 the token sampled last (fed at the next step).
+    tokens: `[R, T]` int32 sampled tokens; pad_id after a row finished.
+    logprobs: `[R, T]` float32 policy log-probs of `tokens` (0 after finishing).
+    processed_logprobs: `[R, T]` float32 log-probs under the processed distribution,
+      or None.
+    lengths: `[R]` int32 tokens in each response so far (stop token included).
+    finished: `[R]` bool rows that emitted a stop token.
+    step: `[]` int32 tokens sampled so far (the index the next token goes to).
+    keys: `[R]` per-row keys fold_in(fold_in(rng, prompt_id), sample_index).
+  """
+
+  context: DecodeContext
+  last: jax.Array
+  tokens: jax.Array
+  logprobs: jax.Array
+  processed_logprobs: jax.Array | None
+  lengths: jax.Array
+  finished: jax.Array
+  step: jax.Array
+  keys: jax.Array
+
+
+@flax.struct.dataclass
+class SampleOutput:
+  """Generated responses on the host (numpy), rows prompt-major (R = B * G).
+
+  Attributes:
+    tokens: `[R, T]` int32 response ids, pad_id after the response.
+    mask: `[R, T]` bool real response tokens (stop token included).
+    logprobs: `[R, T]` float32 log pi(token) under the unmodified policy, 0 where masked.
+    processed_logprobs: `[R, T]` float32 under the sampled-from distribution, or None.
+    lengths: `[R]` int32 response lengths.
+    finished: `[R]` bool ended by a stop token (else truncated at max_new_tokens).
+    prompt_index: `[R]` int32 row of the prompt batch each sample belongs to.
+  """
+
+  tokens: np.ndarray
+  mask: np.ndarray
+  logprobs: np.ndarray
+  processed_logprobs: np.ndarray | None
+  lengths: np.ndarray
+  finished: np.ndarray
+  prompt_index: np.ndarray
+
+
+def decode_model(model: Transformer) -> Transformer:
+  """The model to decode with: scanned layers become unrolled ones (per-layer caches)."""
+  if not model.config.scan_layers:
+    return model
+  return Transformer(model.config.replace(scan_layers=False, remat="none"))
+
+
+def unscan_params(params: Any, num_layers: int) -> Any:
+  """`{"layers": stacked}` params of a scanned model -> `{"layer_i": ...}` for `decode_model`."""
+  if "layers" not in params:
+    return params
+  out = {k: v for k, v in params.items() if k != "layers"}
+  for i in range(num_layers):
+    out[f"layer_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["layers"])
+  return out
+
+
+def shard_params(model: Transformer, params: Any, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
+  """Places `params` with the shardings training uses (logical axes -> mesh axes)."""
+  abstract = jax.eval_shape(
+    lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+  )
+  shardings = logical_to_sharding(abstract, mesh, rules)
+  return jax.device_put(params, shardings)
+
+
+def _constrain_k(x: jax.Array) -> jax.Array:
+  return constrain(x, CACHE_AXES)
+
+
+def _constrain_v(x: jax.Array) -> jax.Array:
+  return constrain(x, VALUE_CACHE_AXES)
+
+
+def prefill_prompts(
+  model: Transformer, params, tokens: jax.Array, lengths: jax.Array
+) -> tuple[jax.Array, tuple, tuple]:
+  """Runs the prompts through the (training) forward once.
+
+  Args:
+    tokens: `[B, P]` right-padded prompt ids.
+    lengths: `[B]` int32 real tokens per prompt (>= 1).
+  Returns:
+    (logits `[B, V]` float32 after each prompt's last token, per-layer prompt keys
+    `[B, K, P, H]` and values `[B, K, H, P]` as L-tuples).
+  """
+  b, p = tokens.shape
+  seg = (jnp.arange(p)[None, :] < lengths[:, None]).astype(jnp.int32)
+  out = model.apply({"params": params}, tokens, segment_ids=seg, return_kv=True, heads=())
+  last = jnp.take_along_axis(out.hidden, (lengths - 1)[:, None, None], axis=1)
+  logits = model.apply({"params": params}, last, method="lm_logits")[:, 0].astype(jnp.float32)
+  n = model.config.num_layers
+  pk = tuple(_constrain_k(out.kv.k[i]) for i in range(n))
+  pv = tuple(_constrain_v(out.kv.v[i]) for i in range(n))
+  return logits, pk, pv
+
+
+def _record(state: SampleState, logits: jax.Array, cfg: GenerationConfig) -> SampleState:
+  """Samples the token at index `state.step` from `logits [R, V]` and records it."""
+  t = state.step
+  keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(state.keys, t)
+  tok, plp = sample_tokens(keys, logits, cfg.sampling, cfg.vocab_limit)
+  lp = token_logprobs(logits, tok)
+  active = ~state.finished
+  tok = jnp.where(active, tok, jnp.int32(cfg.pad_id))
+
+  def put(buf, col):
+    return constrain(
+      jax.lax.dynamic_update_slice(buf, col[:, None].astype(buf.dtype), (0, t)),
+      ("act_batch", None),
+    )
+
+  stop = jnp.asarray(cfg.stop_tokens or (-1,), jnp.int32)
+  return state.replace(
+    last=tok,
+    tokens=put(state.tokens, tok),
+    logprobs=put(state.logprobs, jnp.where(active, lp, 0.0)),
+    processed_logprobs=(
+      None
+      if state.processed_logprobs is None
+      else put(state.processed_logprobs, jnp.where(active, plp, 0.0))
+    ),
+    lengths=state.lengths + active.astype(jnp.int32),
+    finished=state.finished | (active & jnp.isin(tok, stop)),
+    step=t + 1,
+  )
+
+
+def init_state(
+  model: Transformer,
+  cfg: GenerationConfig,
+  num_samples: int,
+  params,
+  tokens: jax.Array,
+  lengths: jax.Array,
+  prompt_ids: jax.Array,
+  rng: jax.Array,
+) -> SampleState:
+  """Prefills the prompts, allocates the generated-token cache and samples token 0.
+
+  Args:
+    num_samples: G samples per prompt (static).
+    tokens: `[B, P]` right-padded prompts; lengths `[B]` int32 (>= 1).
+    prompt_ids: `[B]` int32 global prompt ids (they seed each prompt's samples);
+      -1 marks a padding row, which starts finished (emits nothing, never delays
+      the early exit).
+    rng: a PRNG key.
+  """
+  mcfg = model.config
+  b = tokens.shape[0]
+  r = b * num_samples
+  logits, pk, pv = prefill_prompts(model, params, tokens, lengths)
+  k_shape = (r, mcfg.num_kv_heads, cfg.chunk_size, mcfg.resolved_head_dim)
+  v_shape = (r, mcfg.num_kv_heads, mcfg.resolved_head_dim, cfg.chunk_size)
+
+  def chunks(shape, put):
+    return tuple(
+      tuple(put(jnp.zeros(shape, mcfg.compute_dtype)) for _ in range(cfg.num_chunks))
+      for _ in range(mcfg.num_layers)
+    )
+
+  context = DecodeContext(
+    prefix_k=pk, prefix_v=pv, prefix_len=lengths.astype(jnp.int32),
+    k=chunks(k_shape, _constrain_k), v=chunks(v_shape, _constrain_v),
+    num_generated=jnp.zeros((), jnp.int32),
+  )  # fmt: skip
+  ids = jnp.repeat(prompt_ids.astype(jnp.int32), num_samples)
+  index = jnp.tile(jnp.arange(num_samples, dtype=jnp.int32), b)
+  keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, ids)
+  keys = jax.vmap(jax.random.fold_in)(keys, index)
+  t = cfg.max_new_tokens
+  buf = functools.partial(jnp.zeros, (r, t))
+  state = SampleState(
+    context=context,
+    last=jnp.zeros((r,), jnp.int32),
+    tokens=constrain(jnp.full((r, t), cfg.pad_id, jnp.int32), ("act_batch", None)),
+    logprobs=constrain(buf(jnp.float32), ("act_batch", None)),
+    processed_logprobs=(
+      constrain(buf(jnp.float32), ("act_batch", None)) if cfg.processed_logprobs else None
+    ),
+    lengths=jnp.zeros((r,), jnp.int32),
+    finished=jnp.repeat(prompt_ids < 0, num_samples),
+    step=jnp.zeros((), jnp.int32),
+    keys=keys,
+  )
+  return _record(state, jnp.repeat(logits, num_samples, axis=0), cfg)
+
+
+def decode_step(
+  model: Transformer, cfg: GenerationConfig, chunk: int, params, state: SampleState
+) -> SampleState:
+  """Feeds every row's last token, caches its keys/values, samples the next token.
+
+  `chunk` (static) is the generated-cache chunk the fed token is written to:
+  `state.step - 1` must lie in `[chunk * C, (chunk + 1) * C)`. Only chunks
+  0..chunk are passed to the model (and read); it writes the token's keys/values
+  into chunk `chunk` in place (the state is donated) before attending.
+  """
+  ctx = state.context
+  view = ctx.replace(
+    k=tuple(layer[: chunk + 1] for layer in ctx.k), v=tuple(layer[: chunk + 1] for layer in ctx.v)
+  )
+  out = model.apply({"params": params}, state.last[:, None], context=view, heads=("lm",))
+  new = out.context
+  ctx = new.replace(
+    k=tuple(a + b[chunk + 1 :] for a, b in zip(new.k, ctx.k, strict=True)),
+    v=tuple(a + b[chunk + 1 :] for a, b in zip(new.v, ctx.v, strict=True)),
+  )
+  return _record(state.replace(context=ctx), out.logits[:, 0].astype(jnp.float32), cfg)
+
+
+def generate_on_device(
+  model: Transformer,
+  cfg: GenerationConfig,
+  num_samples: int,
+  params,
+  tokens: jax.Array,
+  lengths: jax.Array,
+  prompt_ids: jax.Array,
+  rng: jax.Array,
+) -> SampleState:
+  """The whole generation as one traceable function (jit it): prefill, then a
+  `lax.while_loop` per cache chunk that exits as soon as every row has finished."""
+  model, params = decode_model(model), unscan_params(params, model.config.num_layers)
+  state = init_state(model, cfg, num_samples, params, tokens, lengths, prompt_ids, rng)
+  c = cfg.chunk_size
+  for j in range(cfg.num_chunks):
+    end = min((j + 1) * c + 1, cfg.max_new_tokens)
+
+    def cond(s, end=end):
+      return (s.step < end) & ~jnp.all(s.finished)
+
+    state = jax.lax.while_loop(cond, functools.partial(decode_step, model, cfg, j, params), state)
+  return state
+
+
+def bucket_length(n: int, buckets: Sequence[int]) -> int:
+  """The smallest bucket >= n (past the largest, the next multiple of it)."""
+  for b in sorted(buckets):
+    if b >= n:
+      return b
+  top = max(buckets)
+  return math.ceil(n / top) * top
+
+
+class Sampler:
+  """Compiled generation for one model and `GenerationConfig`, driven from the host.
+
+  `loop="host"` runs a Python loop over small jitted pieces: prefill + first
+  token, then one decode step per token with the state donated (the cache is
+  updated in place). The all-finished check reads the flag of the *previous*
+  step, so it never stalls the device: the next step is already queued when the
+  host blocks on it. `loop="device"` jits the whole loop (`generate_on_device`,
+  one `lax.while_loop` per cache chunk, exiting when every row is done).
+  `loop="auto"` (default) takes the device loop on CPU backends and the host
+  loop on accelerators. The host loop's per-step dispatch costs about 0.3 ms of
+  host CPU (cProfile: 23 ms over 63 steps of a 4-layer model); on an accelerator
+  that overlaps the running step, on a CPU backend it competes with the
+  computation for the same cores. Measured on a shared 2-core CPU: the two
+  loops are within noise for steps of a few ms, and the device loop is up to
+  1.5x faster when steps are ~0.5 ms (the 0.6M-parameter "tiny" preset).
+
+  Prompt lengths are padded up to a bucket (`prompt_buckets`) and the prompt
+  batch up to a multiple of `batch_multiple`, so a run compiles once per
+  (batch, bucket, G). With a `mesh`, the prompt batch is split over the batch
+  axes ("data", "fsdp") (and padded to a multiple of their size); params keep
+  whatever sharding they carry (use `shard_params` for training's); every
+  function traces under the mesh and the logical-axis rules.
+  """
+
+  def __init__(
+    self,
+    model: Transformer,
+    config: GenerationConfig,
+    *,
+    mesh: Mesh | None = None,
+    rules=DEFAULT_RULES,
+    prompt_buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS,
+    batch_multiple: int = 1,
+    loop: str = "auto",
+  ):
+    if loop not in ("auto", "host", "device"):
+      raise ValueError(f"loop must be 'auto', 'host' or 'device', got {loop!r}")
+    if loop == "auto":
+      devices = mesh.devices.flat if mesh is not None else jax.devices()
+      loop = "device" if next(iter(devices)).platform == "cpu" else "host"
+    self.train_model = model
+    self.model = decode_model(model)
+    self.config = config
+    self.mesh, self.rules = mesh, rules
+    self.prompt_buckets = tuple(prompt_buckets)
+    self.batch_multiple = int(batch_multiple)
+    self.loop = loop
+    self._init = {}
+    self._steps = {}
+    self._device = {}
+    self._unscan = jax.jit(functools.partial(unscan_params, num_layers=model.config.num_layers))
+    self.last_timing: dict[str, float] = {}
+
+  # --- compiled pieces (one per static shape key) -----------------------------
+  def _init_fn(self, g: int):
+    if g not in self._init:
+      self._init[g] = jax.jit(functools.partial(init_state, self.model, self.config, g))
+    return self._init[g]
+
+  def _step_fn(self, chunk: int):
+    if chunk not in self._steps:
+
+      def step(params, state):
+        state = decode_step(self.model, self.config, chunk, params, state)
+        return state, jnp.all(state.finished)
+
+      self._steps[chunk] = jax.jit(step, donate_argnums=(1,))
+    return self._steps[chunk]
+
+  def _device_fn(self, g: int):
+    if g not in self._device:
+      self._device[g] = jax.jit(functools.partial(generate_on_device, self.model, self.config, g))
+    return self._device[g]
+
+  def compiled_count(self) -> int:
+    """Compiled executables so far (for checking that a rerun does not recompile)."""
+    fns = [*self._init.values(), *self._steps.values(), *self._device.values()]
+    return sum(f._cache_size() for f in fns)
+
+  # --- host side --------------------------------------------------------------
+  def _contexts(self):
+    if self.mesh is None:
+      return contextlib.nullcontext(), contextlib.nullcontext()
+    return jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules)
+
+  def _put(self, x: np.ndarray) -> jax.Array:
+    if self.mesh is None:
+      return jnp.asarray(x)
+    return jax.device_put(x, batch_sharding(self.mesh, x.ndim))
+
+  def _prepare(self, tokens, lengths, prompt_offset):
+    tokens, lengths = np.asarray(tokens, np.int32), np.asarray(lengths, np.int32)
+    if tokens.ndim != 2 or lengths.shape != tokens.shape[:1]:
+      raise ValueError(
+        f"tokens must be [B, P] and lengths [B], got {tokens.shape}, {lengths.shape}"
+      )
+    if lengths.min() < 1 or lengths.max() > tokens.shape[1]:
+      raise ValueError(f"prompt lengths must be in [1, {tokens.shape[1]}], got {lengths.tolist()}")
+    mcfg = self.model.config
+    if mcfg.position == "learned" and lengths.max() + self.config.max_new_tokens > mcfg.max_seq_len:
+      raise ValueError(
+        f"prompt ({lengths.max()}) + max_new_tokens ({self.config.max_new_tokens}) exceed the "
+        f"model's learned positions (max_seq_len={mcfg.max_seq_len})"
+      )
+    b = tokens.shape[0]
+    p = bucket_length(int(lengths.max()), self.prompt_buckets)
+    multiple = self.batch_multiple
+    if self.mesh is not None:
+      multiple = math.lcm(multiple, int(np.prod([self.mesh.shape[a] for a in BATCH_AXES])))
+    bp = math.ceil(b / multiple) * multiple
+    padded = np.full((bp, p), self.config.pad_id, np.int32)
+    width = min(p, tokens.shape[1])
+    padded[:b, :width] = tokens[:, :width]
+    lens = np.ones((bp,), np.int32)
+    lens[:b] = lengths
+    ids = np.full((bp,), -1, np.int32)  # padding rows start finished
+    ids[:b] = np.arange(prompt_offset, prompt_offset + b, dtype=np.int32)
+    return b, padded, lens, ids
+
+  def generate(
+    self,
+    params,
+    tokens: np.ndarray,
+    lengths: np.ndarray,
+    rng: jax.Array,
+    *,
+    num_samples: int = 1,
+    prompt_offset: int = 0,
+    timing: bool = False,
+  ) -> SampleOutput:
+    """Samples `num_samples` responses for each of the B prompts.
+
+    Args:
+      params: the (training) model's params.
+      tokens: `[B, P']` right-padded prompt ids; lengths `[B]` real tokens (>= 1).
+      rng: PRNG key; results are a function of (rng, prompt_offset + b, sample
+        index) per row, nothing else.
+      num_samples: G samples per prompt, sharing the prompt's prefill and cache.
+      prompt_offset: global id of prompt row 0 (so chunking a prompt list into
+        several calls gives the same samples as one call).
+      timing: block after the prefill to time it (`last_timing`).
+    Returns:
+      `SampleOutput` with R = B * G rows, prompt-major.
+    """
+    b, tokens, lengths, ids = self._prepare(tokens, lengths, prompt_offset)
+    g = int(num_samples)
+    if g < 1:
+      raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if self.train_model.config.scan_layers:
+      params = self._unscan(params)
+    mesh_ctx, rules_ctx = self._contexts()
+    t0 = time.perf_counter()
+    with mesh_ctx, rules_ctx:
+      args = (params, self._put(tokens), self._put(lengths), self._put(ids), rng)
+      if self.loop == "device":
+        state = self._device_fn(g)(*args)
+        steps = None
+      else:
+        state = self._init_fn(g)(*args)
+        if timing:
+          jax.block_until_ready(state)
+          self.last_timing["prefill_s"] = time.perf_counter() - t0
+        steps = self._host_loop(params, state)
+        state = steps.pop("state")
+      out = _to_output(state, b * g, g)
+    self.last_timing["total_s"] = time.perf_counter() - t0
+    if steps is not None:
+      self.last_timing["decode_steps"] = steps["steps"]
+    return out
+
+  def _host_loop(self, params, state: SampleState) -> dict[str, Any]:
+    cfg = self.config
+    c = cfg.chunk_size
+    pending = None  # the previous step's all-finished flag (read one step late)
+    step = 1
+    while step < cfg.max_new_tokens:
+      state, done = self._step_fn((step - 1) // c)(params, state)
+      step += 1
+      if pending is not None and bool(pending):
+        break
+      pending = done
+    return {"state": state, "steps": step - 1}
+
+
+def _to_output(state: SampleState, rows: int, g: int) -> SampleOutput:
+  lengths = to_host(state.lengths)[:rows]
+  t = state.tokens.shape[1]
+  return SampleOutput(
+    tokens=to_host(state.tokens)[:rows],
+    mask=np.arange(t)[None, :] < lengths[:, None],
+    logprobs=to_host(state.logprobs)[:rows],
+    processed_logprobs=(
+      None if state.processed_logprobs is None else to_host(state.processed_logprobs)[:rows]
+    ),
+    lengths=lengths,
+    finished=to_host(state.finished)[:rows],
+    prompt_index=np.repeat(np.arange(rows // g, dtype=np.int32), g),
+  )
