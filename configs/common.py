@@ -7,7 +7,7 @@ from ml_collections import FieldReference
 
 from critic_jax.parallel import DEFAULT_RULES
 
-__all__ = ["mesh", "distributed", "optimizer", "train", "sharding_rules"]
+__all__ = ["mesh", "distributed", "optimizer", "train", "sharding_rules", "init"]
 
 
 def mesh(data: int = -1, fsdp: int = 1, tensor: int = 1) -> ml_collections.ConfigDict:
@@ -49,3 +49,16 @@ def train(num_steps: int, **kw) -> ml_collections.ConfigDict:
   )  # fmt: skip
   d.update(kw)
   return ml_collections.ConfigDict(d)
+
+
+def init(hf_path: str = "", **kw) -> ml_collections.ConfigDict:
+  """Where the weights start from.
+
+  hf_path: a local transformers checkpoint folder (config.json + safetensors of a
+  Llama/Mistral/Qwen2/Qwen3/GPT-2 causal LM, or their *ForSequenceClassification
+  for a reward model) whose architecture and weights replace the random init;
+  `config.model` then only chooses the runtime fields (heads, dtypes, remat,
+  scan_layers, attention_impl, scalar_head_init). "" = random init. Extra
+  keyword arguments add trainer-specific fields (e.g. `checkpoint=""`).
+  """
+  return ml_collections.ConfigDict({"hf_path": hf_path, **kw})

@@ -1,0 +1,41 @@
+"""Interop with other ecosystems: Hugging Face transformers checkpoints and tokenizers."""
+
+from critic_jax.interop.hf import (
+  ARCHITECTURES,
+  FAMILIES,
+  HEADS_FILE,
+  RUNTIME_FIELDS,
+  HFInteropError,
+  SafetensorsCheckpoint,
+  char_tokenizer_to_hf,
+  export_layout,
+  hf_family,
+  hf_to_model_config,
+  infer_family,
+  init_from_hf,
+  load_hf_params,
+  model_config_from_hf,
+  model_to_hf_config,
+  read_hf_config,
+  save_hf,
+)
+
+__all__ = [
+  "ARCHITECTURES",
+  "FAMILIES",
+  "HEADS_FILE",
+  "RUNTIME_FIELDS",
+  "HFInteropError",
+  "SafetensorsCheckpoint",
+  "char_tokenizer_to_hf",
+  "export_layout",
+  "hf_family",
+  "hf_to_model_config",
+  "infer_family",
+  "init_from_hf",
+  "load_hf_params",
+  "model_config_from_hf",
+  "model_to_hf_config",
+  "read_hf_config",
+  "save_hf",
+]
