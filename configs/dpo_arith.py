@@ -40,7 +40,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict(
     {"num_examples": 512, "batch_size": 256, "max_new_tokens": 6, "generate": True}
   )
-  c.init = ml_collections.ConfigDict({"hf_path": "", "checkpoint": ""})
+  c.init = common.init(checkpoint="")
   c.mesh = common.mesh()
   c.sharding_rules = common.sharding_rules()
   c.distributed = common.distributed()

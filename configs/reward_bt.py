@@ -48,8 +48,9 @@ def reward_config(loss: str = "bt") -> ml_collections.ConfigDict:
   # Stiennon reward centring after training: the bias over reference responses (the task's,
   # or a prompt/response JSONL).
   c.centering = ml_collections.ConfigDict({"enabled": True, "reference_jsonl_path": ""})
-  # checkpoint: a critic_jax workdir whose params (same tree) start this run.
-  c.init = ml_collections.ConfigDict({"checkpoint": ""})
+  # checkpoint: a critic_jax workdir whose params (same tree) start this run;
+  # hf_path: a transformers folder (causal LM or *ForSequenceClassification).
+  c.init = common.init(checkpoint="")
   c.optimizer = common.optimizer(lr=1e-3, warmup_steps=50, end_lr_ratio=0.1, weight_decay=0.01)
   c.train = common.train(num_steps=1500, log_every=100, eval_every=500, ckpt_every=500)
   c.eval = ml_collections.ConfigDict({"batch_size": 256})

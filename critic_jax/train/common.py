@@ -28,6 +28,7 @@ __all__ = [
   "model_config_from",
   "build_model",
   "fresh_state",
+  "graft_params",
   "init_or_restore",
   "maybe_restore",
   "BatchFeeder",
@@ -47,13 +48,28 @@ def setup_mesh(config: ml_collections.ConfigDict) -> tuple[Mesh, tuple]:
   return mesh, rules
 
 
+def _init_source(init_cfg, field: str) -> str:
+  return str(init_cfg.get(field, "") or "") if init_cfg is not None else ""
+
+
 def model_config_from(config: ml_collections.ConfigDict, vocab_size: int | None) -> ModelConfig:
-  """`config.model` -> ModelConfig; checks the vocabulary covers the tokenizer's."""
+  """`config.model` -> ModelConfig; checks the vocabulary covers the tokenizer's.
+
+  With `config.init.hf_path` set, the architecture (sizes, norms, RoPE, biases,
+  vocabulary) comes from that Hugging Face folder and `config.model` only picks
+  the runtime fields (heads, dtypes, remat, scan_layers, attention_impl).
+  """
   mcfg = ModelConfig.from_dict(config.model, where="config.model")
+  where = "config.model.vocab_size"
+  hf_path = _init_source(config.get("init"), "hf_path")
+  if hf_path:
+    from critic_jax.interop import model_config_from_hf
+
+    mcfg = model_config_from_hf(hf_path, mcfg)
+    where = f"the vocab_size of {hf_path}/config.json (config.init.hf_path)"
   if vocab_size is not None and mcfg.vocab_size < vocab_size:
     raise ValueError(
-      f"config.model.vocab_size={mcfg.vocab_size} is smaller than the tokenizer's "
-      f"vocabulary ({vocab_size})"
+      f"{where}={mcfg.vocab_size} is smaller than the tokenizer's vocabulary ({vocab_size})"
     )
   return mcfg
 
@@ -69,21 +85,75 @@ def build_model(mcfg: ModelConfig) -> tuple[Transformer, Callable[[jax.Array], A
   return model, init_params
 
 
+def graft_params(target: Any, source: Any, shardings: Any) -> tuple[Any, int]:
+  """Puts `source` (one model's params) into every matching sub-tree of `target`.
+
+  Walks `target` (a trainer's params: one Transformer, `{"trunk", "head"}`, or
+  `{"A": ..., "B": ...}` for two reward models): where a dict's keys are all in
+  `source` the walk goes down both trees together; elsewhere it looks for
+  `source` further down. A leaf is replaced when the shapes agree (cast to the
+  target dtype and placed in the target sharding); a leaf `source` lacks (e.g. a
+  head only the trainer has) keeps its fresh value.
+
+  Returns:
+    (the grafted params, number of leaves replaced).
+  """
+  count = 0
+
+  def walk(t, s, sh):
+    nonlocal count
+    if isinstance(t, dict) and isinstance(s, dict):
+      if set(t) <= set(s):
+        return {k: walk(t[k], s[k], sh[k]) for k in t}
+      return {k: walk(t[k], s, sh[k]) for k in t}
+    if not isinstance(t, dict) and not isinstance(s, dict) and t.shape == s.shape:
+      count += 1
+      return jax.device_put(s.astype(t.dtype), sh)
+    return t
+
+  return walk(target, source, shardings), count
+
+
 def fresh_state(
-  init_params, tx, seed: int, mesh: Mesh, rules, init_cfg=None
+  init_params, tx, seed: int, mesh: Mesh, rules, init_cfg=None, mcfg: ModelConfig | None = None
 ) -> tuple[TrainState, Any]:
-  """A sharded fresh state; `config.init.checkpoint` (a critic_jax workdir) replaces its params.
+  """A sharded fresh state whose params may come from elsewhere.
+
+  `config.init.checkpoint` (a critic_jax workdir) replaces the params outright;
+  `config.init.hf_path` (a local transformers folder, see `critic_jax.interop`)
+  is loaded shard by shard for `mcfg` (from `model_config_from`) and grafted
+  into every sub-model of the params (`graft_params`). Both reset the
+  optimizer state to its init for the new params.
 
   Returns (state, state shardings).
   """
   state, shardings = init_train_state(init_params, tx, jax.random.PRNGKey(seed), mesh, rules)
-  source = (init_cfg or {}).get("checkpoint", "") if init_cfg is not None else ""
+  source = _init_source(init_cfg, "checkpoint")
+  hf_path = _init_source(init_cfg, "hf_path")
+  if source and hf_path:
+    raise ValueError(f"config.init: set checkpoint ({source!r}) or hf_path ({hf_path!r}), not both")
+  params = None
   if source:
     abstract = abstract_with_shardings(state.params, shardings.params)
     params = load_params(source, abstract)
+    log.info("initialised params from the checkpoint in %s", source)
+  elif hf_path:
+    if mcfg is None:
+      raise ValueError("config.init.hf_path needs the model config built by model_config_from")
+    from critic_jax.interop import load_hf_params
+
+    hf = load_hf_params(hf_path, mcfg, mesh, rules, rng=jax.random.PRNGKey(seed + 1))
+    params, n = graft_params(state.params, hf, shardings.params)
+    if n == 0:
+      raise ValueError(
+        f"config.init.hf_path={hf_path!r}: no parameter of the checkpoint matches this "
+        f"trainer's params (top-level keys {sorted(state.params)})"
+      )
+    total = len(jax.tree.leaves(state.params))
+    log.info("initialised %d of %d param arrays from the HF checkpoint in %s", n, total, hf_path)
+  if params is not None:
     opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
     state = state.replace(params=params, opt_state=opt_state)
-    log.info("initialised params from the checkpoint in %s", source)
   return state, shardings
 
 
@@ -99,13 +169,20 @@ def maybe_restore(
 
 
 def init_or_restore(
-  init_params, tx, seed: int, mesh: Mesh, rules, ckpt: Checkpointer | None, init_cfg=None
+  init_params,
+  tx,
+  seed: int,
+  mesh: Mesh,
+  rules,
+  ckpt: Checkpointer | None,
+  init_cfg=None,
+  mcfg: ModelConfig | None = None,
 ) -> tuple[TrainState, Any, dict | None]:
   """Sharded fresh init (see `fresh_state`), or the latest checkpoint in the same shardings.
 
   Returns (state, state shardings, data iterator state or None when fresh).
   """
-  state, shardings = fresh_state(init_params, tx, seed, mesh, rules, init_cfg)
+  state, shardings = fresh_state(init_params, tx, seed, mesh, rules, init_cfg, mcfg)
   state, data_state = maybe_restore(state, shardings, ckpt)
   return state, shardings, data_state
 

@@ -292,7 +292,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints,
       async_save=config.train.async_checkpoint,
     )  # fmt: skip
-    init, shardings = fresh_state(init_params, tx, config.seed, mesh, rules, config.get("init"))
+    init, shardings = fresh_state(
+      init_params, tx, config.seed, mesh, rules, config.get("init"), mcfg
+    )
     ref_params = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings.params)(
       init.params
     )

@@ -292,7 +292,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       async_save=config.train.async_checkpoint,
     )  # fmt: skip
     state, shardings, data_state = init_or_restore(
-      objective.init_params, tx, config.seed, mesh, rules, ckpt, config.get("init")
+      objective.init_params, tx, config.seed, mesh, rules, ckpt, config.get("init"), mcfg
     )
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     log.info("reward model (%s): %s parameters; starting at step %d of %d", config.loss,

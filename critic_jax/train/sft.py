@@ -221,7 +221,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       async_save=config.train.async_checkpoint,
     )  # fmt: skip
     state, shardings, data_state = init_or_restore(
-      init_params, tx, config.seed, mesh, rules, ckpt, config.get("init")
+      init_params, tx, config.seed, mesh, rules, ckpt, config.get("init"), mcfg
     )
     feeder = BatchFeeder(dataset, mesh, config.data.batch_size, data_state)
     start = int(jax.device_get(state.step))
