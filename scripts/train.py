@@ -6,6 +6,7 @@
 Rerunning with the same --workdir resumes from its latest checkpoint.
 """
 
+import logging as pylogging
 import os
 import sys
 
@@ -23,7 +24,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
-  logging.set_verbosity(logging.INFO)
+  # critic_jax's own progress at INFO; libraries (orbax's per-save chatter) at WARNING.
+  logging.set_verbosity(logging.WARNING)
+  pylogging.getLogger("critic_jax").setLevel(pylogging.INFO)
   config = _CONFIG.value
   final = get_trainer(config.trainer)(config, _WORKDIR.value)
   keys = sorted(k for k in final if k.startswith("eval/"))
