@@ -1,6 +1,7 @@
 """SFT train-step throughput: critic_jax vs a plain PyTorch + transformers loop, in one run.
 
-    python scripts/bench_sft.py                                  # CPU, small Llama shape
+    python scripts/bench_sft.py --torch                          # CPU, small Llama shape
+    python scripts/bench_sft.py --torch --preset sft_arith --batch 128 --seq 12  # the main job
     python scripts/bench_sft.py --preset llama_0.9b --batch 8 --seq 2048 \
         --dtype bfloat16 --attention cudnn --remat dots_no_batch --torch   # H100
 
@@ -36,7 +37,10 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 def parse():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  p.add_argument("--preset", default="bench_small", help="model preset, or bench_small")
+  p.add_argument(
+    "--preset", default="bench_small",
+    help="model preset, bench_small, or sft_arith (the main job's model: configs/sft_arith.py)",
+  )  # fmt: skip
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--seq", type=int, default=256)
   p.add_argument("--steps", type=int, default=10, help="timed steps")
@@ -57,6 +61,10 @@ def model_config(args) -> ModelConfig:
       vocab_size=2048, d_model=256, num_layers=4, num_heads=8, num_kv_heads=4, mlp_dim=704,
       norm_eps=1e-5, max_seq_len=4096,
     )  # fmt: skip
+  elif args.preset == "sft_arith":
+    from configs.sft_arith import get_config
+
+    cfg = ModelConfig.from_dict(get_config().model, where="configs/sft_arith.py model")
   else:
     cfg = ModelConfig.preset(args.preset)
   return cfg.replace(
