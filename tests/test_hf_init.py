@@ -18,6 +18,7 @@ from critic_jax.parallel import DEFAULT_RULES, make_mesh, strip_boxes
 from critic_jax.train import get_trainer
 from critic_jax.train.checkpoint import load_params
 from critic_jax.train.common import build_model, fresh_state, model_config_from
+from tests.test_train import _tiny as _tiny_sft
 
 
 def _random_params(cfg, seed):
@@ -46,21 +47,6 @@ def hf_folder(tmp_path_factory):
   path = tmp_path_factory.mktemp("hf") / "qwen3"
   save_hf(path, params, cfg)
   return str(path), cfg, params
-
-
-def _tiny_sft(**over):
-  from configs.sft_arith import get_config
-
-  c = get_config("tiny")
-  c.unlock()
-  for k, v in over.items():
-    node = c
-    *path, last = k.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = v
-  c.lock()
-  return c
 
 
 def test_model_config_comes_from_the_folder(hf_folder):
