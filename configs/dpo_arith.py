@@ -9,6 +9,8 @@ Pairs: prompt "a+b=", chosen = the right sum, rejected = a near miss
 (`critic_jax/data/task_pairs.py`). Variants: "" (DPO, sigmoid), "ipo", "hinge",
 "cdpo" (label smoothing 0.1), "sft" (DPO + 0.1 x SFT), "online" (reference
 computed every step, exact token KL reported), "coh", "tiny" (2 steps, tests).
+D2O (negatives only, reference self-samples) and iterative on-policy DNO-Prct have their own
+configs built on this one: configs/d2o_arith.py and configs/dno_arith.py.
 """
 
 import ml_collections

@@ -6,8 +6,13 @@
   "dpo": DPO (Rafailov et al., arXiv 2305.18290) and, through `config.loss_kwargs`,
     IPO (`loss_type="ipo"`), SLiC hinge (`"hinge"`), conservative DPO
     (`label_smoothing`) and DPO + SFT (`sft_weight`).
-  "dno_prct": DPO against the previous iterate (`config.reference`), one DNO-Prct
-    iteration (Rosset et al., arXiv 2404.03715) on given pairs.
+  "dno_prct": DNO-Prct (Rosset et al., arXiv 2404.03715). With `config.dno.pairs="given"`
+    (or no `config.dno`): DPO against the previous iterate (`config.reference`), one
+    iteration on given pairs. With `config.dno.pairs="on_policy"`: `config.dno.iterations`
+    rounds of sampling from pi_t, scoring, large-margin pair selection and DPO against pi_t
+    (`critic_jax.train.preference_dno`).
+  "d2o": D2O (Duan et al., arXiv 2403.03419) from negatives only, the positive side K
+    samples of the reference (`critic_jax.train.preference_d2o`).
   "coh": Chain of Hindsight (Liu et al., arXiv 2302.02676): pairs become feedback
     sequences trained by next-token loss on the answers, with the forgetful causal mask.
 
@@ -262,14 +267,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """Trains a policy on preference pairs as `config` says; returns the final metrics."""
   import grain
 
+  if config.loss not in ("dpo", "dno_prct", "coh", "d2o"):
+    raise ValueError(
+      f"config.loss={config.loss!r} is not a preference-trainer loss; use 'dpo', 'dno_prct', "
+      "'d2o' or 'coh' here (reward models: trainer 'reward_model')"
+    )
+  if config.loss == "d2o":
+    from critic_jax.train import preference_d2o
+
+    return preference_d2o.train_and_evaluate(config, workdir)
+  if config.loss == "dno_prct" and _dno_on_policy(config):
+    from critic_jax.train import preference_dno
+
+    return preference_dno.train_and_evaluate(config, workdir)
+
   # --- mesh -----------------------------------------------------------------
   mesh, rules = setup_mesh(config)
   save_config(config, workdir)
-  if config.loss not in ("dpo", "dno_prct", "coh"):
-    raise ValueError(
-      f"config.loss={config.loss!r} is not a preference-trainer loss; use 'dpo', 'dno_prct' or "
-      "'coh' here (D2O and online DNO need the sampler; reward models: trainer 'reward_model')"
-    )
 
   # --- data -----------------------------------------------------------------
   tokenizer = make_tokenizer(config.tokenizer.name, config.tokenizer.get("path") or None)
@@ -360,6 +374,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         config, model, tokenizer, task, state.params, mesh
       )
     return final
+
+
+def _dno_on_policy(config) -> bool:
+  """True for iterative on-policy DNO-Prct (`config.dno.pairs="on_policy"`)."""
+  dno = config.get("dno")
+  pairs = dno.get("pairs", "given") if dno is not None else "given"
+  if pairs not in ("given", "on_policy"):
+    raise ValueError(f"config.dno.pairs must be 'given' or 'on_policy', got {pairs!r}")
+  if pairs == "given" and dno is not None and int(dno.get("iterations", 1)) > 1:
+    raise ValueError(
+      "config.dno.iterations > 1 needs config.dno.pairs='on_policy' (each iteration samples "
+      "new pairs from the current policy); given pairs allow one iteration"
+    )
+  return pairs == "on_policy"
 
 
 def _cached_reference(path, model, ref_params, pairs, tokenizer, config, mesh) -> np.ndarray:
