@@ -36,12 +36,12 @@ from critic_jax.train.preference import reference_logps  # noqa: E402
 from critic_jax.train.state import abstract_with_shardings, init_train_state  # noqa: E402
 
 
-def main():
+def main(argv=None) -> dict:
   p = argparse.ArgumentParser()
   p.add_argument("--workdir", default="runs/repro_dpo")
   p.add_argument("--sft_steps", type=int, default=400)
   p.add_argument("--dpo_steps", type=int, default=300)
-  args = p.parse_args()
+  args = p.parse_args(argv)
   sft_dir, dpo_dir = (os.path.join(args.workdir, x) for x in ("sft", "dpo"))
 
   sft = sft_config()
@@ -93,6 +93,7 @@ def main():
             "dpo_acc": dpo_final["eval/task_accuracy"]}  # fmt: skip
   with open(os.path.join(args.workdir, "result.json"), "w") as f:
     json.dump(result, f)
+  return result
 
 
 if __name__ == "__main__":
