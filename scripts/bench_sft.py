@@ -49,6 +49,10 @@ def parse():
   p.add_argument("--attention", default="xla", choices=["xla", "cudnn"])
   p.add_argument("--remat", default="none")
   p.add_argument("--scan", action="store_true", help="scan over layers")
+  p.add_argument(
+    "--matmul-grad", default="auto", choices=["auto", "autodiff", "transpose_smaller"],
+    help="model.matmul_grad: how weight-matmul backward passes are built",
+  )  # fmt: skip
   p.add_argument("--torch", action="store_true", help="also run the PyTorch baseline")
   p.add_argument("--peak_tflops", type=float, default=None, help="chip peak for MFU")
   return p.parse_args()
@@ -68,7 +72,11 @@ def model_config(args) -> ModelConfig:
   else:
     cfg = ModelConfig.preset(args.preset)
   return cfg.replace(
-    dtype=args.dtype, attention_impl=args.attention, remat=args.remat, scan_layers=args.scan
+    dtype=args.dtype,
+    attention_impl=args.attention,
+    remat=args.remat,
+    scan_layers=args.scan,
+    matmul_grad=args.matmul_grad,
   )
 
 

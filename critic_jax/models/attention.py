@@ -184,6 +184,7 @@ class Attention(nn.Module):
   implementation: str = "xla"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  grad: str = "autodiff"
 
   @nn.compact
   def __call__(
@@ -212,7 +213,7 @@ class Attention(nn.Module):
     def proj(heads, name, axes):
       return Linear(
         (heads, self.head_dim), ("embed",) + axes, use_bias=self.qkv_bias, std=self.init_std,
-        dtype=self.dtype, param_dtype=self.param_dtype, name=name,
+        dtype=self.dtype, param_dtype=self.param_dtype, grad=self.grad, name=name,
       )(x)  # fmt: skip
 
     q = proj(self.num_heads, "q", ("heads", "head_dim"))
@@ -259,7 +260,8 @@ class Attention(nn.Module):
     out = constrain(out, ("act_batch", "act_length", "act_heads", "act_head_dim"))
     out = Linear(
       (x.shape[-1],), ("heads", "head_dim", "embed"), in_dims=2, use_bias=self.out_bias,
-      std=self.out_init_std, dtype=self.dtype, param_dtype=self.param_dtype, name="o",
+      std=self.out_init_std, dtype=self.dtype, param_dtype=self.param_dtype, grad=self.grad,
+      name="o",
     )(out)  # fmt: skip
     if context is not None and write_at is not None:
       return out, written

@@ -152,7 +152,7 @@ class Block(nn.Module):
       num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.resolved_head_dim,
       qkv_bias=cfg.qkv_bias, out_bias=cfg.out_bias, qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps,
       init_std=cfg.init_std, out_init_std=out_std, implementation=cfg.attention_impl,
-      dtype=dt, param_dtype=pdt, name="attn",
+      dtype=dt, param_dtype=pdt, grad=cfg.resolved_matmul_grad, name="attn",
     )(
       Norm(**norm, name="attn_norm")(x), mask=mask, rope=rope, context=context,
       context_masks=context_masks, lengths=lengths, write_at=write_at,
@@ -160,7 +160,8 @@ class Block(nn.Module):
     x = x + h
     h = Mlp(
       kind=cfg.mlp, mlp_dim=cfg.mlp_dim, use_bias=cfg.out_bias, init_std=cfg.init_std,
-      out_init_std=out_std, dtype=dt, param_dtype=pdt, name="mlp",
+      out_init_std=out_std, dtype=dt, param_dtype=pdt, grad=cfg.resolved_matmul_grad,
+      name="mlp",
     )(Norm(**norm, name="mlp_norm")(x))  # fmt: skip
     x = constrain(x + h, ("act_batch", "act_length", "act_embed"))
     return x, kv
@@ -254,7 +255,7 @@ class Transformer(nn.Module):
     if "lm" in cfg.heads and not cfg.tie_embeddings:
       self.lm_head = Linear(
         (cfg.vocab_size,), ("embed", "vocab"), std=cfg.init_std, dtype=cfg.compute_dtype,
-        param_dtype=cfg.params_dtype,
+        param_dtype=cfg.params_dtype, grad=cfg.resolved_matmul_grad,
       )  # fmt: skip
     if "value" in cfg.heads:
       self.value_head = ScalarHead(cfg.scalar_head_init, cfg.params_dtype)
