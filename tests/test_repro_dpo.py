@@ -1,0 +1,31 @@
+"""Reproduction (c): DPO raises held-out implicit-reward accuracy and margin (repro_dpo.py)."""
+
+import importlib.util
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _script(name):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+@pytest.mark.slow
+def test_dpo_raises_implicit_reward_accuracy_and_margin(tmp_path):
+  res = _script("repro_dpo").main(["--workdir", str(tmp_path)])
+  steps = [e[0] for e in res["evals"]]
+  acc = [e[1] for e in res["evals"]]
+  margin = [e[2] for e in res["evals"]]
+  assert steps == sorted(steps) and len(steps) >= 2, steps
+  # At step 0 pi = pi_ref: every implicit reward is 0 (accuracy 0 under the strict r_w > r_l,
+  # margin 0). DPO moves them: well above chance (0.5) and still rising, margin positive and
+  # rising (measured: accuracy 0.717 -> 0.768 -> 0.783, margin 0.182 -> 0.268 -> 0.294).
+  assert acc[-1] > 0.7 and acc[-1] > acc[0], acc
+  assert margin[0] > 0 and margin[-1] > margin[0], margin
+  # Not asserted (not part of the claim): the policy's own preference log pi(y_w) > log pi(y_l)
+  # and its greedy exact match, which the script prints (measured 0.818 -> 0.807, 0.489 -> 0.426).
