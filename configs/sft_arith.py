@@ -31,7 +31,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     packing=False, num_train_examples=20_000,
   ))  # fmt: skip
   c.optimizer = common.optimizer(lr=3e-3, warmup_steps=100, end_lr_ratio=0.05, weight_decay=0.01)
-  c.train = common.train(num_steps=3000, log_every=100, eval_every=1000, ckpt_every=1000)
+  c.train = common.train(num_steps=4000, log_every=100, eval_every=1000, ckpt_every=1000)
   c.eval = ml_collections.ConfigDict({"num_examples": 1000, "max_new_tokens": 6, "batch_size": 512})
   # checkpoint: a critic_jax workdir; hf_path: a local transformers folder.
   c.init = common.init(checkpoint="")

@@ -77,19 +77,25 @@ def sft_dataset(
   """
   if not examples:
     raise ValueError("sft_dataset: no examples")
-  ds = grain.MapDataset.source(list(examples)).seed(seed)
+  # Tokenize once, not once per epoch per example: a Python map per example on the host
+  # cost more than the main job's train step (70-140 ms per batch of 128 on 2 cores).
+  rows = [tokenize_example(ex, tokenizer, seq_len) for ex in examples]
+  ds = grain.MapDataset.range(len(rows)).seed(seed)
   if shuffle:
     ds = ds.shuffle()
   ds = ds.repeat(num_epochs)
-  ds = ds.map(lambda ex: tokenize_example(ex, tokenizer, seq_len))
   if packing:
     it = grain.experimental.FirstFitPackIterDataset(
-      ds.to_iter_dataset(), length_struct={"tokens": seq_len, "loss_mask": seq_len},
+      ds.map(lambda i: rows[i]).to_iter_dataset(),
+      length_struct={"tokens": seq_len, "loss_mask": seq_len},
       num_packing_bins=batch_size, shuffle_bins=False,
     ).map(_from_packed)  # fmt: skip
-  else:
-    it = ds.map(lambda ex: pad_example(ex, seq_len, tokenizer.pad_id)).to_iter_dataset()
-  return it.batch(batch_size, drop_remainder=True)
+    return it.batch(batch_size, drop_remainder=True)
+  padded = [pad_example(r, seq_len, tokenizer.pad_id) for r in rows]
+  table = {k: np.stack([r[k] for r in padded]) for k in padded[0]}
+  # Batches of indices gathered from the padded table in one vectorised step.
+  ds = ds.batch(batch_size, drop_remainder=True)
+  return ds.map(lambda idx: {k: v[np.asarray(idx)] for k, v in table.items()}).to_iter_dataset()
 
 
 def encode_prompts(prompts: Sequence[str], tokenizer, max_len: int | None = None) -> dict[str, Any]:
