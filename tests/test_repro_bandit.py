@@ -1,23 +1,11 @@
 """Reproduction (d): Tajwar et al.'s bandit (scripts/repro_bandit.py)."""
 
-import importlib.util
-import os
-
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _script(name):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
 
 
 @pytest.mark.slow
-def test_on_policy_and_negative_gradient_beat_offline_ml():
-  res = _script("repro_bandit").main([])
+def test_on_policy_and_negative_gradient_beat_offline_ml(run_script):
+  res = run_script("repro_bandit", [])
   rows = res[70.0]["rows"]
   final = {k: v["mean"][-1] for k, v in rows.items()}
   early = {k: v["mean"][0] for k, v in rows.items()}

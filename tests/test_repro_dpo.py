@@ -1,23 +1,11 @@
 """Reproduction (c): DPO raises held-out implicit-reward accuracy and margin (repro_dpo.py)."""
 
-import importlib.util
-import os
-
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _script(name):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
 
 
 @pytest.mark.slow
-def test_dpo_raises_implicit_reward_accuracy_and_margin(tmp_path):
-  res = _script("repro_dpo").main(["--workdir", str(tmp_path)])
+def test_dpo_raises_implicit_reward_accuracy_and_margin(run_script, tmp_path):
+  res = run_script("repro_dpo", ["--workdir", str(tmp_path)])
   steps = [e[0] for e in res["evals"]]
   acc = [e[1] for e in res["evals"]]
   margin = [e[2] for e in res["evals"]]

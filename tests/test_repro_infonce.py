@@ -1,24 +1,12 @@
 """Reproduction (e): the InfoNCE uniformity-tolerance dilemma (scripts/repro_infonce.py)."""
 
-import importlib.util
-import os
-
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _script(name):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
-
 
 @pytest.mark.slow
-def test_lower_temperature_more_uniform_less_tolerant():
-  res = _script("repro_infonce").main([])
+def test_lower_temperature_more_uniform_less_tolerant(run_script):
+  res = run_script("repro_infonce", [])
   taus = [t for t in sorted(res) if t >= 0.1]
   unif = [res[t]["uniformity"] for t in taus]
   tol = [res[t]["tolerance"] for t in taus]
