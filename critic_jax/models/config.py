@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from critic_jax.models.layers import LINEAR_GRADS
 from critic_jax.registry import Registry
 
 __all__ = ["ModelConfig", "MODEL_PRESETS", "HEADS", "REMAT_POLICIES", "ROPE_TYPES"]
@@ -121,8 +122,8 @@ class ModelConfig:
       bad("remat", self.remat, REMAT_POLICIES)
     if self.attention_impl not in ("xla", "cudnn"):
       bad("attention_impl", self.attention_impl, ("xla", "cudnn"))
-    if self.matmul_grad not in ("auto", "autodiff", "transpose_smaller"):
-      bad("matmul_grad", self.matmul_grad, ("auto", "autodiff", "transpose_smaller"))
+    if self.matmul_grad not in ("auto",) + LINEAR_GRADS:
+      bad("matmul_grad", self.matmul_grad, ("auto",) + LINEAR_GRADS)
     if self.scalar_head_init not in ("std", "var", "zeros"):
       bad("scalar_head_init", self.scalar_head_init, ("std", "var", "zeros"))
     for f in ("dtype", "param_dtype"):

@@ -295,24 +295,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   model, init_params = build_model(mcfg)
   tx, schedule = make_optimizer(config.optimizer, config.train.num_steps)
   kwargs = dict(config.loss_kwargs)
-  online = config.reference.mode == "online"
-  if config.reference.mode not in ("online", "precompute"):
-    raise ValueError(f"config.reference.mode must be 'online' or 'precompute', got "
-                     f"{config.reference.mode!r}")  # fmt: skip
+  online = reference_online(config)
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    # --- sharded init (the reference is the initial policy), or resume -----------
-    ckpt = Checkpointer(
-      os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints,
-      async_save=config.train.async_checkpoint,
-    )  # fmt: skip
-    init, shardings = fresh_state(
-      init_params, tx, config.seed, mesh, rules, config.get("init"), mcfg
+    ckpt, state, data_state, shardings, ref_params = policy_and_reference(
+      config, workdir, init_params, tx, mesh, rules, mcfg
     )
-    ref_params = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings.params)(
-      init.params
-    )
-    state, data_state = maybe_restore(init, shardings, ckpt)
 
     # --- data pipeline (with cached reference log-probs) -------------------------
     extra = None
@@ -374,6 +362,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         config, model, tokenizer, task, state.params, mesh
       )
     return final
+
+
+def reference_online(config) -> bool:
+  """True for `config.reference.mode="online"`, False for "precompute"; raises otherwise."""
+  mode = config.reference.mode
+  if mode not in ("online", "precompute"):
+    raise ValueError(f"config.reference.mode must be 'online' or 'precompute', got {mode!r}")
+  return mode == "online"
+
+
+def policy_and_reference(config, workdir, init_params, tx, mesh, rules, mcfg):
+  """Sharded init or resume of the policy, and a frozen copy of its *initial* params.
+
+  Returns (checkpointer, state, data-iterator state or None, shardings, reference params).
+  The reference is the initial policy (fresh, or `config.init`), never the resumed one.
+  Call inside the mesh and logical-axis-rules context.
+  """
+  ckpt = Checkpointer(
+    os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints,
+    async_save=config.train.async_checkpoint,
+  )  # fmt: skip
+  init, shardings = fresh_state(init_params, tx, config.seed, mesh, rules, config.get("init"), mcfg)
+  ref_params = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings.params)(
+    init.params
+  )
+  state, data_state = maybe_restore(init, shardings, ckpt)
+  return ckpt, state, data_state, shardings, ref_params
 
 
 def _dno_on_policy(config) -> bool:

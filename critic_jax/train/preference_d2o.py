@@ -39,12 +39,9 @@ from critic_jax.data import Example, make_tokenizer
 from critic_jax.data.pipeline import pad_example, tokenize_example
 from critic_jax.data.preference import PreferenceExample, load_preference_jsonl
 from critic_jax.losses import LOSSES
-from critic_jax.train.checkpoint import Checkpointer
 from critic_jax.train.common import (
   BatchFeeder,
   build_model,
-  fresh_state,
-  maybe_restore,
   model_config_from,
   save_config,
   setup_mesh,
@@ -59,7 +56,9 @@ from critic_jax.train.preference import (
   _task_accuracy,
   _token_kl,
   implicit_reward_accuracy,
+  policy_and_reference,
   reference_logps,
+  reference_online,
   response_logps,
 )
 from critic_jax.train.preference_rollouts import (
@@ -239,10 +238,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   c = config.d2o
   if c.samples not in SAMPLE_MODES:
     raise ValueError(f"config.d2o.samples must be one of {SAMPLE_MODES}, got {c.samples!r}")
-  if config.reference.mode not in ("online", "precompute"):
-    raise ValueError(f"config.reference.mode must be 'online' or 'precompute', got "
-                     f"{config.reference.mode!r}")  # fmt: skip
-  online = config.reference.mode == "online"
+  online = reference_online(config)
   k = int(c.num_samples)
   if k < 1:
     raise ValueError(f"config.d2o.num_samples must be >= 1, got {k}")
@@ -261,17 +257,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     # --- sharded init (the reference is the initial policy), or resume -----------
-    ckpt = Checkpointer(
-      os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints,
-      async_save=config.train.async_checkpoint,
-    )  # fmt: skip
-    init, shardings = fresh_state(
-      init_params, tx, config.seed, mesh, rules, config.get("init"), mcfg
+    ckpt, state, data_state, shardings, ref_params = policy_and_reference(
+      config, workdir, init_params, tx, mesh, rules, mcfg
     )
-    ref_params = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings.params)(
-      init.params
-    )
-    state, data_state = maybe_restore(init, shardings, ckpt)
     writer = MetricWriter(workdir)
 
     # --- reference self-samples and reference log-probs of the negatives ----------
