@@ -77,25 +77,30 @@ def sft_dataset(
   """
   if not examples:
     raise ValueError("sft_dataset: no examples")
-  # Tokenize once, not once per epoch per example: a Python map per example on the host
-  # cost more than the main job's train step (70-140 ms per batch of 128 on 2 cores).
-  rows = [tokenize_example(ex, tokenizer, seq_len) for ex in examples]
-  ds = grain.MapDataset.range(len(rows)).seed(seed)
+  examples = list(examples)
+  ds = grain.MapDataset.range(len(examples)).seed(seed)
   if shuffle:
     ds = ds.shuffle()
   ds = ds.repeat(num_epochs)
   if packing:
     it = grain.experimental.FirstFitPackIterDataset(
-      ds.map(lambda i: rows[i]).to_iter_dataset(),
+      ds.map(lambda i: tokenize_example(examples[i], tokenizer, seq_len)).to_iter_dataset(),
       length_struct={"tokens": seq_len, "loss_mask": seq_len},
       num_packing_bins=batch_size, shuffle_bins=False,
     ).map(_from_packed)  # fmt: skip
     return it.batch(batch_size, drop_remainder=True)
-  padded = [pad_example(r, seq_len, tokenizer.pad_id) for r in rows]
-  table = {k: np.stack([r[k] for r in padded]) for k in padded[0]}
-  # Batches of indices gathered from the padded table in one vectorised step.
-  ds = ds.batch(batch_size, drop_remainder=True)
-  return ds.map(lambda idx: {k: v[np.asarray(idx)] for k, v in table.items()}).to_iter_dataset()
+
+  # Batch the indices first and build each batch in one call: grain's per-element map and
+  # batching cost more than the main job's train step (141 ms vs 7 ms per batch of 128 on 2
+  # cores). Still lazy: nothing is tokenized before it is needed.
+  def make_batch(idx) -> dict[str, np.ndarray]:
+    rows = [
+      pad_example(tokenize_example(examples[i], tokenizer, seq_len), seq_len, tokenizer.pad_id)
+      for i in np.asarray(idx)
+    ]
+    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+  return ds.batch(batch_size, drop_remainder=True).map(make_batch).to_iter_dataset()
 
 
 def encode_prompts(prompts: Sequence[str], tokenizer, max_len: int | None = None) -> dict[str, Any]:
