@@ -24,7 +24,7 @@ from critic_jax.sampler import (
   sample_tokens,
   shard_params,
 )
-from critic_jax.sampler.sampling import row_keys
+from critic_jax.sampler.sampling import inverse_cdf_draw, row_keys
 
 TOK = CharTokenizer()  # 100 ids; the model's vocabulary (128) is padded past it
 CFG = ModelConfig.preset("tiny", vocab_size=128, d_model=32, mlp_dim=64)
@@ -183,6 +183,36 @@ def test_sampling_frequencies_match_the_processed_distribution():
     np.testing.assert_allclose(np.exp(np.asarray(plp)), want[np.asarray(tok)], rtol=1e-5)
 
 
+def test_inverse_cdf_draw_by_hand():
+  """V = 40 -> blocks of 16 (the last one padded). Weights (unnormalised, total 8):
+  token 3 -> 2, token 17 -> 4, token 39 -> 2, all others 0 (blocks 0, 1, 2 carry
+  2, 4, 2). u * 8 picks the first token whose cumulative weight exceeds it."""
+  w = np.zeros((1, 40), np.float32)
+  w[0, [3, 17, 39]] = [2.0, 4.0, 2.0]
+  cases = {0.0: 3, 0.2: 3, 0.2499: 3, 0.25: 17, 0.5: 17, 0.7499: 17, 0.75: 39, 0.9999999: 39}
+  u = jnp.asarray(list(cases), jnp.float32)
+  got = jax.jit(inverse_cdf_draw)(jnp.asarray(np.repeat(w, len(cases), 0)), u)
+  assert np.asarray(got).tolist() == list(cases.values())
+  # Rounding that leaves no cumulative weight above the target falls back to the last
+  # positive-weight token, never to a zero-weight one: u = 1 is outside [0, 1).
+  assert int(inverse_cdf_draw(jnp.asarray(w), jnp.ones((1,)))[0]) == 39
+
+
+def test_inverse_cdf_frequencies_over_many_blocks():
+  """V = 300 (blocks of 32), mass spread over blocks with zero-mass blocks between:
+  frequencies of 20000 draws match the weights; zero-weight tokens never appear."""
+  rs = np.random.RandomState(0)
+  w = np.zeros(300, np.float32)
+  support = np.array([0, 5, 31, 32, 100, 101, 200, 250, 299])
+  w[support] = rs.uniform(0.5, 2.0, len(support))
+  n = 20000
+  u = jax.random.uniform(jax.random.key(0), (n,))
+  tok = np.asarray(jax.jit(inverse_cdf_draw)(jnp.asarray(np.tile(w, (n, 1))), u))
+  assert set(np.unique(tok).tolist()) <= set(support.tolist())
+  freq = np.bincount(tok, minlength=300) / n
+  np.testing.assert_allclose(freq, w / w.sum(), atol=0.015)
+
+
 def test_sampling_config_errors():
   with pytest.raises(KeyError, match="Known samplers: greedy, min_p, temperature"):
     SamplingConfig("nucleus")
@@ -194,29 +224,32 @@ def test_sampling_config_errors():
 
 
 # --- segment attention ---------------------------------------------------------
-def test_attend_equals_attention_over_concatenated_segments():
+@pytest.mark.parametrize("t", [1, 2], ids=["one_token", "two_tokens"])
+def test_attend_equals_attention_over_concatenated_segments(t):
   """A prompt segment shared by G rows, a per-row segment and the new tokens, against
-  `jax.nn.dot_product_attention` over the explicitly concatenated keys of each row."""
+  `jax.nn.dot_product_attention` over the explicitly concatenated keys of each row;
+  one new token (the decode path: multiply-and-sum) and two (batched matmuls)."""
   rs = np.random.RandomState(0)
-  b, g, t, n, kh, h = 2, 3, 2, 4, 2, 8
+  b, g, n, kh, h = 2, 3, 4, 2, 8
   r = b * g
 
   def rand(*shape):
     return jnp.asarray(rs.standard_normal(shape), jnp.float32)
 
   q = rand(r, t, n, h)
-  # Keys [rows, K, S, H]; values transposed [rows, K, H, S].
-  pk, pv = rand(b, kh, 5, h), rand(b, kh, h, 5)
+  # Keys transposed [rows, K, H, S]; values [rows, K, S, H].
+  pk, pv = rand(b, kh, h, 5), rand(b, kh, 5, h)
   pmask = jnp.asarray(np.arange(5)[None, None, :] < np.array([3, 5])[:, None, None])  # [B,1,5]
-  gk, gv = rand(r, kh, 4, h), rand(r, kh, h, 4)
-  gmask = jnp.asarray(np.arange(4)[None, None, :] < np.array([[2], [3]])[None])  # [1,T,4]
-  sk, sv = rand(r, kh, t, h), rand(r, kh, h, t)
+  gk, gv = rand(r, kh, h, 4), rand(r, kh, 4, h)
+  gmask = jnp.asarray(np.arange(4)[None, None, :] < np.array([[2], [3]])[None, :t])  # [1,T,4]
+  sk, sv = rand(r, kh, h, t), rand(r, kh, t, h)
   smask = jnp.asarray(np.tril(np.ones((t, t), bool))[None])
   segs = [(pk, pv, pmask), (gk, gv, gmask), (sk, sv, smask)]
   out = jax.jit(attend)(q, segs)
+  assert out.shape == (r, t, n, h)
   for i in range(r):
-    keys = jnp.concatenate([pk[i // g], gk[i], sk[i]], axis=1)  # [K, S, H]
-    vals = jnp.swapaxes(jnp.concatenate([pv[i // g], gv[i], sv[i]], axis=2), 1, 2)
+    keys = jnp.swapaxes(jnp.concatenate([pk[i // g], gk[i], sk[i]], axis=2), 1, 2)  # [K, S, H]
+    vals = jnp.concatenate([pv[i // g], gv[i], sv[i]], axis=1)  # [K, S, H]
     mask = jnp.concatenate(
       [jnp.broadcast_to(pmask[i // g], (t, 5)), jnp.broadcast_to(gmask[0], (t, 4)), smask[0]], 1
     )
@@ -252,8 +285,8 @@ def test_decode_context_matches_full_forward(family):
     out = model.apply({"params": params}, prompts, segment_ids=seg, return_kv=True)
     ctx = DecodeContext(
       prefix_k=tuple(out.kv.k), prefix_v=tuple(out.kv.v), prefix_len=lengths,
-      k=tuple((jnp.zeros((2, cfg.num_kv_heads, chunk, 8)),) * 2 for _ in range(cfg.num_layers)),
-      v=tuple((jnp.zeros((2, cfg.num_kv_heads, 8, chunk)),) * 2 for _ in range(cfg.num_layers)),
+      k=tuple((jnp.zeros((2, cfg.num_kv_heads, 8, chunk)),) * 2 for _ in range(cfg.num_layers)),
+      v=tuple((jnp.zeros((2, cfg.num_kv_heads, chunk, 8)),) * 2 for _ in range(cfg.num_layers)),
       num_generated=jnp.zeros((), jnp.int32),
     )  # fmt: skip
     got, want = [], []

@@ -37,12 +37,12 @@ _STACKED_V_AXES = (None,) + VALUE_CACHE_AXES
 class KVCache:
   """Per-layer keys and values for decoding.
 
-  The layout is kv-head major, values transposed (`critic_jax.models.attention`),
-  so both attention matmuls read the cache as stored.
+  The layout is kv-head major, keys transposed (`critic_jax.models.attention`),
+  so attention reads the cache as stored.
 
   Attributes:
-    k: `[L, B, K, S, H]` keys (S = cache length, K = kv heads, H = head dim).
-    v: `[L, B, K, H, S]` values.
+    k: `[L, B, K, H, S]` keys (S = cache length, K = kv heads, H = head dim).
+    v: `[L, B, K, S, H]` values.
   """
 
   k: jax.Array
@@ -50,16 +50,16 @@ class KVCache:
 
   @classmethod
   def init(cls, config: ModelConfig, batch: int, length: int, dtype=None) -> KVCache:
-    shape = (
+    v_shape = (
       config.num_layers, batch, config.num_kv_heads, length, config.resolved_head_dim,
     )  # fmt: skip
     dtype = dtype or config.compute_dtype
-    v_shape = shape[:3] + (shape[4], shape[3])
-    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(v_shape, dtype))
+    k_shape = v_shape[:3] + (v_shape[4], v_shape[3])
+    return cls(k=jnp.zeros(k_shape, dtype), v=jnp.zeros(v_shape, dtype))
 
   @property
   def length(self) -> int:
-    return self.k.shape[3]
+    return self.k.shape[4]
 
 
 @flax.struct.dataclass
@@ -76,12 +76,12 @@ class DecodeContext:
   context in `ModelOutput.context`.
 
   Attributes:
-    prefix_k: L-tuple of `[Bp, K, P, H]` prompt keys (P = padded prompt length).
-    prefix_v: L-tuple of `[Bp, K, H, P]` prompt values (transposed).
+    prefix_k: L-tuple of `[Bp, K, H, P]` prompt keys, transposed (P = padded prompt length).
+    prefix_v: L-tuple of `[Bp, K, P, H]` prompt values.
     prefix_len: `[Bp]` int32 real tokens per prompt; slots >= prefix_len are masked.
-    k: L-tuple (layers) of tuples (chunks) of `[B, K, C_j, H]` keys of generated
+    k: L-tuple (layers) of tuples (chunks) of `[B, K, H, C_j]` keys of generated
       tokens; chunk j holds generated tokens sum(C_<j) .. sum(C_<=j) - 1.
-    v: values, the same structure with `[B, K, H, C_j]` chunks.
+    v: values, the same structure with `[B, K, C_j, H]` chunks.
     num_generated: `[]` int32 generated tokens already stored (later slots are
       masked). The new tokens sit at positions prefix_len + num_generated + t.
   """
@@ -99,7 +99,7 @@ class DecodeContext:
 
   @property
   def chunk_sizes(self) -> tuple[int, ...]:
-    return tuple(c.shape[2] for c in self.k[0])
+    return tuple(c.shape[3] for c in self.k[0])
 
   @property
   def last_chunk_start(self) -> int:
@@ -116,8 +116,8 @@ class ModelOutput:
     values: `[B, T]` float32 per-token values V(s_t), or None.
     rewards: `[B]` float32 sequence rewards read at the last non-pad token, or None.
     cache: the updated `KVCache` when one was passed in, else None.
-    kv: a `KVCache` of this call's own keys `[L, B, K, T, H]` and values
-      `[L, B, K, H, T]` when `return_kv=True` (or a cache was passed), else None.
+    kv: a `KVCache` of this call's own keys `[L, B, K, H, T]` and values
+      `[L, B, K, T, H]` when `return_kv=True` (or a cache was passed), else None.
     context: the `DecodeContext` passed in, with this call's keys/values written
       into its last chunk and num_generated advanced by T; else None.
   """
@@ -293,7 +293,7 @@ class Transformer(nn.Module):
     each new token's own (the new tokens are written into the last chunk first)."""
     w = self.config.sliding_window
     n = ctx.num_generated
-    p = ctx.prefix_k[0].shape[2]
+    p = ctx.prefix_k[0].shape[3]
     slot = jnp.arange(p)
     pmask = slot[None, None, :] < ctx.prefix_len[:, None, None]  # [Bp, 1, P]
     if w is not None:
@@ -413,8 +413,8 @@ class Transformer(nn.Module):
       write = jax.vmap(write_cache, in_axes=(0, 0, None, None))  # over layers; rows inside
       out = out.replace(
         cache=KVCache(
-          k=constrain(write(cache.k, ks, cache_index, 1), _STACKED_K_AXES),
-          v=constrain(write(cache.v, vs, cache_index, 2), _STACKED_V_AXES),
+          k=constrain(write(cache.k, ks, cache_index, 2), _STACKED_K_AXES),
+          v=constrain(write(cache.v, vs, cache_index, 1), _STACKED_V_AXES),
         )
       )
     if want_kv:

