@@ -54,7 +54,7 @@ from critic_jax.parallel import (
   logical_to_sharding,
   to_host,
 )
-from critic_jax.sampler.sampling import SamplingConfig, sample_tokens
+from critic_jax.sampler.sampling import SamplingConfig, sample_with_uniforms, step_uniforms
 
 __all__ = [
   "DEFAULT_PROMPT_BUCKETS",
@@ -136,7 +136,9 @@ class SampleState:
     lengths: `[R]` int32 tokens in each response so far (stop token included).
     finished: `[R]` bool rows that emitted a stop token.
     step: `[]` int32 tokens sampled so far (the index the next token goes to).
-    keys: `[R]` per-row keys fold_in(fold_in(rng, prompt_id), sample_index).
+    uniforms: `[R, T]` float32, the draw of row r at step t: uniform(fold_in(key_r, t))
+      with key_r = fold_in(fold_in(rng, prompt_id), sample_index), all drawn up front;
+      None for greedy decoding.
   """
 
   context: DecodeContext
@@ -147,7 +149,7 @@ class SampleState:
   lengths: jax.Array
   finished: jax.Array
   step: jax.Array
-  keys: jax.Array
+  uniforms: jax.Array | None
 
 
 @flax.struct.dataclass
@@ -233,8 +235,10 @@ def prefill_prompts(
 def _record(state: SampleState, logits: jax.Array, cfg: GenerationConfig) -> SampleState:
   """Samples the token at index `state.step` from `logits [R, V]` and records it."""
   t = state.step
-  keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(state.keys, t)
-  tok, plp = sample_tokens(keys, logits, cfg.sampling, cfg.vocab_limit)
+  u = None
+  if state.uniforms is not None:
+    u = jax.lax.dynamic_slice_in_dim(state.uniforms, t, 1, axis=1)[:, 0]
+  tok, plp = sample_with_uniforms(u, logits, cfg.sampling, cfg.vocab_limit)
   lp = token_logprobs(logits, tok)
   active = ~state.finished
   tok = jnp.where(active, tok, jnp.int32(cfg.pad_id))
@@ -316,7 +320,11 @@ def init_state(
     lengths=jnp.zeros((r,), jnp.int32),
     finished=jnp.repeat(prompt_ids < 0, num_samples),
     step=jnp.zeros((), jnp.int32),
-    keys=keys,
+    uniforms=(
+      None
+      if cfg.sampling.method == "greedy"
+      else constrain(step_uniforms(keys, t), ("act_batch", None))
+    ),
   )
   return _record(state, jnp.repeat(logits, num_samples, axis=0), cfg)
 
