@@ -75,8 +75,8 @@ def parse_args(argv=None):
   p.add_argument(
     "--attention-impl",
     default="auto",
-    choices=("auto", "xla", "cudnn"),
-    help="prefill attention (auto: cudnn on a GPU, else xla)",
+    choices=("auto", "xla", "cudnn", "blocked"),
+    help="prefill attention (auto: cudnn on a GPU, else the model's auto: blocked on a CPU)",
   )
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--peak-bw", type=float, default=3.0e12, help="bytes/s for the roofline")
@@ -96,8 +96,8 @@ def model_config(args, platform: str = "cpu"):
   from critic_jax.models import ModelConfig
 
   impl = args.attention_impl
-  if impl == "auto":
-    impl = "cudnn" if platform == "gpu" else "xla"
+  if impl == "auto" and platform == "gpu":
+    impl = "cudnn"
 
   if args.preset:
     cfg = ModelConfig.preset(args.preset)

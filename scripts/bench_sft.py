@@ -46,7 +46,8 @@ def parse():
   p.add_argument("--steps", type=int, default=10, help="timed steps")
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-  p.add_argument("--attention", default="xla", choices=["xla", "cudnn"])
+  p.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn", "blocked"])
+  p.add_argument("--attention-block", type=int, default=64, help="queries per block (blocked)")
   p.add_argument("--remat", default="none")
   p.add_argument("--scan", action="store_true", help="scan over layers")
   p.add_argument(
@@ -74,6 +75,7 @@ def model_config(args) -> ModelConfig:
   return cfg.replace(
     dtype=args.dtype,
     attention_impl=args.attention,
+    attention_block=args.attention_block,
     remat=args.remat,
     scan_layers=args.scan,
     matmul_grad=args.matmul_grad,

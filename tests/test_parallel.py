@@ -20,7 +20,7 @@ from critic_jax.train.sft import make_train_step
 from critic_jax.train.state import init_train_state
 
 CFG = ModelConfig.preset("tiny", vocab_size=64, d_model=32, num_heads=4, num_kv_heads=2,
-                         head_dim=8, mlp_dim=64)  # fmt: skip
+                         head_dim=8, mlp_dim=64, attention_block=4)  # fmt: skip
 OPT = {"name": "adamw", "lr": 1e-2, "warmup_steps": 0, "clip_norm": 1.0, "weight_decay": 0.1}
 
 
@@ -36,8 +36,8 @@ def _batch(b=8, t=12):
   }
 
 
-def _run(mesh_cfg, devices, accum=1, steps=2):
-  model = Transformer(CFG)
+def _run(mesh_cfg, devices, accum=1, steps=2, cfg=CFG):
+  model = Transformer(cfg)
   tx, sched = make_optimizer(OPT, 10)
   mesh = make_mesh(mesh_cfg, devices)
   with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
@@ -95,6 +95,17 @@ def test_sharded_train_steps_equal_single_device(single, sharded):
   np.testing.assert_allclose(sharded[2], single[2], rtol=1e-5)
   for a, b in zip(jax.tree.leaves(single[1].params), jax.tree.leaves(sharded[1].params),
                   strict=True):  # fmt: skip
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-5)
+
+
+def test_sharded_xla_attention_steps_equal_single_device(single):
+  """attention_impl="xla" on the 2x2x2 mesh trains like the single-device model with
+  the CPU's default ("auto" -> "blocked", 3 query blocks of 4)."""
+  assert CFG.resolved_attention_impl == "blocked"
+  cfg = CFG.replace(attention_impl="xla")
+  _, state, losses = _run({"data": 2, "fsdp": 2, "tensor": 2}, jax.devices(), cfg=cfg)
+  np.testing.assert_allclose(losses, single[2], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(single[1].params), jax.tree.leaves(state.params), strict=True):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-5)
 
 

@@ -27,6 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from critic_jax.models.blocked_attention import blocked_attention
 from critic_jax.models.layers import Linear, Norm, apply_rope, constrain
 
 __all__ = ["Attention", "attend", "causal_mask", "decode_mask", "write_cache"]
@@ -197,6 +198,7 @@ class Attention(nn.Module):
   init_std: float = 0.02
   out_init_std: float = 0.02
   implementation: str = "xla"
+  block: int = 64
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   grad: str = "autodiff"
@@ -270,6 +272,8 @@ class Attention(nn.Module):
         q, k, v, is_causal=True, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
         implementation=self.implementation,
       )  # fmt: skip
+    elif self.implementation == "blocked":
+      out = blocked_attention(q, k, v, mask, block=self.block)
     else:
       out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.implementation)
     out = constrain(out, ("act_batch", "act_length", "act_heads", "act_head_dim"))

@@ -25,11 +25,19 @@ import ml_collections
 from critic_jax.models.layers import LINEAR_GRADS
 from critic_jax.registry import Registry
 
-__all__ = ["ModelConfig", "MODEL_PRESETS", "HEADS", "REMAT_POLICIES", "ROPE_TYPES"]
+__all__ = [
+  "ModelConfig",
+  "MODEL_PRESETS",
+  "HEADS",
+  "REMAT_POLICIES",
+  "ROPE_TYPES",
+  "ATTENTION_IMPLS",
+]
 
 HEADS = ("lm", "value", "reward")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ROPE_TYPES = ("default", "linear", "llama3")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "blocked")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -70,7 +78,11 @@ class ModelConfig:
       (save matmul outputs), "dots_no_batch" (save weight matmuls only).
     scan_layers: stack the layers with `nn.scan` (one compiled layer; params get a
       leading "layers" axis).
-    attention_impl: "xla" (CPU/TPU) or "cudnn" (NVIDIA GPUs, flash attention).
+    attention_impl: "xla" (`jax.nn.dot_product_attention`), "cudnn" (NVIDIA GPUs,
+      flash attention), "blocked" (`models.blocked_attention`: causal query blocks
+      with a recomputing backward; measured fastest on CPUs) or "auto" ("blocked"
+      when the default backend is the CPU, else "xla").
+    attention_block: queries per block for attention_impl="blocked".
     matmul_grad: how the weight matmuls' backward pass is built: "autodiff" (JAX's rule),
       "transpose_smaller" (a custom VJP that transposes the narrower operand of each weight
       gradient explicitly; faster on XLA:CPU) or "auto" ("transpose_smaller" when the
@@ -104,7 +116,8 @@ class ModelConfig:
   param_dtype: str = "float32"
   remat: str = "none"
   scan_layers: bool = False
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
+  attention_block: int = 64
   matmul_grad: str = "auto"
   init_std: float = 0.02
 
@@ -120,8 +133,10 @@ class ModelConfig:
       bad("mlp", self.mlp, ("swiglu", "gelu"))
     if self.remat not in REMAT_POLICIES:
       bad("remat", self.remat, REMAT_POLICIES)
-    if self.attention_impl not in ("xla", "cudnn"):
-      bad("attention_impl", self.attention_impl, ("xla", "cudnn"))
+    if self.attention_impl not in ATTENTION_IMPLS:
+      bad("attention_impl", self.attention_impl, ATTENTION_IMPLS)
+    if self.attention_block < 1:
+      raise ValueError(f"model.attention_block must be >= 1, got {self.attention_block}")
     if self.matmul_grad not in ("auto",) + LINEAR_GRADS:
       bad("matmul_grad", self.matmul_grad, ("auto",) + LINEAR_GRADS)
     if self.scalar_head_init not in ("std", "var", "zeros"):
@@ -157,6 +172,13 @@ class ModelConfig:
   @property
   def resolved_head_dim(self) -> int:
     return self.head_dim if self.head_dim is not None else self.d_model // self.num_heads
+
+  @property
+  def resolved_attention_impl(self) -> str:
+    """`attention_impl` with "auto" resolved for the default backend."""
+    if self.attention_impl != "auto":
+      return self.attention_impl
+    return "blocked" if jax.default_backend() == "cpu" else "xla"
 
   @property
   def resolved_matmul_grad(self) -> str:

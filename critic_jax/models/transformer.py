@@ -151,8 +151,9 @@ class Block(nn.Module):
     h, kv = Attention(
       num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.resolved_head_dim,
       qkv_bias=cfg.qkv_bias, out_bias=cfg.out_bias, qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps,
-      init_std=cfg.init_std, out_init_std=out_std, implementation=cfg.attention_impl,
-      dtype=dt, param_dtype=pdt, grad=cfg.resolved_matmul_grad, name="attn",
+      init_std=cfg.init_std, out_init_std=out_std, implementation=cfg.resolved_attention_impl,
+      block=cfg.attention_block, dtype=dt, param_dtype=pdt, grad=cfg.resolved_matmul_grad,
+      name="attn",
     )(
       Norm(**norm, name="attn_norm")(x), mask=mask, rope=rope, context=context,
       context_masks=context_masks, lengths=lengths, write_at=write_at,
@@ -358,7 +359,9 @@ class Transformer(nn.Module):
     else:
       if positions is None:
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-      fast = cfg.attention_impl == "cudnn" and attn_mask is None and cfg.sliding_window is None
+      fast = (
+        cfg.resolved_attention_impl == "cudnn" and attn_mask is None and cfg.sliding_window is None
+      )
       if fast:
         # Right-padded rows without packing: cuDNN's causal + padding masks.
         mask, lengths = None, jnp.sum(segment_ids != 0, axis=1).astype(jnp.int32)
