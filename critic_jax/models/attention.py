@@ -1,7 +1,8 @@
 """Grouped-query causal self-attention, with cached keys/values for decoding.
 
-Training runs `jax.nn.dot_product_attention` over the sequence (the cuDNN
-flash-attention kernel on GPUs). Decoding attends the new tokens over cached
+Training runs, by `attention_impl`, `jax.nn.dot_product_attention` over the
+sequence ("xla", or "cudnn": the cuDNN flash-attention kernel on GPUs) or
+`blocked_attention` ("blocked", the CPU default). Decoding attends the new tokens over cached
 key/value *segments* (a per-row cache, or a prompt cache shared by G samples
 plus the samples' own generated keys/values, see `attend`) without
 concatenating them.

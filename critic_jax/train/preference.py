@@ -63,6 +63,11 @@ from critic_jax.train.optim import make_optimizer
 from critic_jax.train.state import TrainState
 
 __all__ = [
+  "apply_update",
+  "load_pairs",
+  "scalars",
+  "task_accuracy",
+  "token_kl",
   "response_logps",
   "make_dpo_step",
   "make_coh_step",
@@ -100,7 +105,7 @@ def _both_sides(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
   return {k: jnp.concatenate([batch[f"{s}_{k}"] for s in SIDES], axis=0) for k in keys}
 
 
-def _token_kl(logits, ref_logits, mask):
+def token_kl(logits, ref_logits, mask):
   """Mean over response tokens of KL(pi(.|ctx) || pi_ref(.|ctx)), exact over the vocabulary."""
   lp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
   lq = jax.nn.log_softmax(ref_logits.astype(jnp.float32), -1)
@@ -108,11 +113,13 @@ def _token_kl(logits, ref_logits, mask):
   return jnp.sum(jnp.where(mask, kl, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
 
 
-def _scalars(metrics: dict[str, jax.Array]) -> dict[str, jax.Array]:
+def scalars(metrics: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """The scalar entries of a loss's metrics (the ones logged)."""
   return {k: v for k, v in metrics.items() if jnp.ndim(v) == 0}
 
 
-def _apply_update(tx, schedule, state: TrainState, grads, metrics):
+def apply_update(tx, schedule, state: TrainState, grads, metrics):
+  """One optimizer update; adds grad_norm and lr to `metrics`. Returns (state, metrics)."""
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = {**metrics, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
@@ -145,11 +152,11 @@ def make_dpo_step(model: Transformer, tx, schedule, loss_kwargs: dict, online_re
         **loss_kwargs,
       )  # fmt: skip
       if ref_logits is not None:
-        m = {**m, "kl_token": _token_kl(logits, ref_logits, mask)}
-      return loss, _scalars(m)
+        m = {**m, "kl_token": token_kl(logits, ref_logits, mask)}
+      return loss, scalars(m)
 
     (_, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
-    return _apply_update(tx, schedule, state, grads, metrics)
+    return apply_update(tx, schedule, state, grads, metrics)
 
   return step
 
@@ -171,10 +178,10 @@ def make_coh_step(model: Transformer, tx, schedule, fcm_min: float, fcm_max: flo
         logits=out.logits[:, :-1], targets=batch["tokens"][:, 1:],
         loss_mask=batch["loss_mask"][:, 1:],
       )  # fmt: skip
-      return loss, _scalars(m)
+      return loss, scalars(m)
 
     (_, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
-    return _apply_update(tx, schedule, state, grads, metrics)
+    return apply_update(tx, schedule, state, grads, metrics)
 
   return step
 
@@ -221,7 +228,8 @@ def implicit_reward_accuracy(
   }
 
 
-def _load_pairs(config, tokenizer) -> tuple[list, list, Any]:
+def load_pairs(config, tokenizer) -> tuple[list, list, Any]:
+  """(train pairs, eval pairs, task or None) from `config.data` (a task or JSONL files)."""
   d = config.data
   if d.source == "task":
     task = make_task(config.task.name, **config.task.kwargs)
@@ -287,7 +295,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # --- data -----------------------------------------------------------------
   tokenizer = make_tokenizer(config.tokenizer.name, config.tokenizer.get("path") or None)
-  train_pairs, eval_pairs, task = _load_pairs(config, tokenizer)
+  train_pairs, eval_pairs, task = load_pairs(config, tokenizer)
   d = config.data
 
   # --- model and optimizer ----------------------------------------------------
@@ -358,7 +366,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       desc=config.loss,
     )  # fmt: skip
     if task is not None and config.eval.generate:
-      final["eval/task_accuracy"] = _task_accuracy(
+      final["eval/task_accuracy"] = task_accuracy(
         config, model, tokenizer, task, state.params, mesh
       )
     return final
@@ -422,7 +430,7 @@ def _cached_reference(path, model, ref_params, pairs, tokenizer, config, mesh) -
   return ref
 
 
-def _task_accuracy(config, model, tokenizer, task, params, mesh) -> float:
+def task_accuracy(config, model, tokenizer, task, params, mesh) -> float:
   """Greedy exact-match accuracy of `params` on the task's held-out problems."""
   examples = task.eval_examples(config.eval.num_examples, seed=config.seed)
   ev = GreedyTaskEval(

@@ -50,16 +50,16 @@ from critic_jax.train.loop import train_loop
 from critic_jax.train.metrics import MetricWriter
 from critic_jax.train.optim import make_optimizer
 from critic_jax.train.preference import (
-  _apply_update,
-  _load_pairs,
-  _scalars,
-  _task_accuracy,
-  _token_kl,
+  apply_update,
   implicit_reward_accuracy,
+  load_pairs,
   policy_and_reference,
   reference_logps,
   reference_online,
   response_logps,
+  scalars,
+  task_accuracy,
+  token_kl,
 )
 from critic_jax.train.preference_rollouts import (
   ROW_KEYS,
@@ -115,11 +115,11 @@ def make_d2o_step(model, tx, schedule, loss_kwargs: dict, online_ref: bool):
       m = {**m, "kl_ref_policy_mc": -m["self_logratio_mean"]}
       m["self_valid_frac"] = jnp.mean(batch["self_mask"].astype(jnp.float32))
       if ref_logits is not None:
-        m["kl_token"] = _token_kl(logits[b:], ref_logits[b:], mask[b:])
-      return loss, _scalars(m)
+        m["kl_token"] = token_kl(logits[b:], ref_logits[b:], mask[b:])
+      return loss, scalars(m)
 
     (_, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
-    return _apply_update(tx, schedule, state, grads, metrics)
+    return apply_update(tx, schedule, state, grads, metrics)
 
   return step
 
@@ -226,7 +226,7 @@ def _negatives(config, tokenizer) -> tuple[list[PreferenceExample], list, Any]:
     evals = load_preference_jsonl(d.eval_jsonl_path, template) if d.eval_jsonl_path else []
     task = None
   else:
-    train, evals, task = _load_pairs(config, tokenizer)
+    train, evals, task = load_pairs(config, tokenizer)
   return [PreferenceExample(e.prompt, None, e.rejected) for e in train], evals, task
 
 
@@ -318,7 +318,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       evaluate=evaluate, ckpt=ckpt, writer=writer, train_cfg=config.train, desc="d2o",
     )  # fmt: skip
     if task is not None and config.eval.generate:
-      final["eval/task_accuracy"] = _task_accuracy(
+      final["eval/task_accuracy"] = task_accuracy(
         config, model, tokenizer, task, state.params, mesh
       )
     return final

@@ -59,10 +59,10 @@ from critic_jax.train.loop import train_loop
 from critic_jax.train.metrics import MetricWriter
 from critic_jax.train.optim import make_optimizer
 from critic_jax.train.preference import (
-  _task_accuracy,
   implicit_reward_accuracy,
   make_dpo_step,
   reference_logps,
+  task_accuracy,
 )
 from critic_jax.train.preference_rollouts import (
   ROW_KEYS,
@@ -333,7 +333,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if out.get("preempted"):
           return final
     if task is not None and config.eval.generate:
-      final["eval/task_accuracy"] = _task_accuracy(
+      final["eval/task_accuracy"] = task_accuracy(
         config, model, tokenizer, task, state.params, mesh
       )
     return final
