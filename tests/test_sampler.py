@@ -24,7 +24,7 @@ from critic_jax.sampler import (
   sample_tokens,
   shard_params,
 )
-from critic_jax.sampler.sampling import inverse_cdf_draw, row_keys
+from critic_jax.sampler.sampling import inverse_cdf_draw, processing_is_identity, row_keys
 
 TOK = CharTokenizer()  # 100 ids; the model's vocabulary (128) is padded past it
 CFG = ModelConfig.preset("tiny", vocab_size=128, d_model=32, mlp_dim=64)
@@ -327,6 +327,20 @@ def test_logprobs_equal_teacher_forced(tiny, prompts, forward, sampler):
   assert np.abs(out.processed_logprobs - out.logprobs).max() > 0.05
   # The G = 2 samples of a prompt differ: they are drawn independently.
   assert (out.tokens[0::2] != out.tokens[1::2]).any(axis=1).all()
+
+
+def test_logprobs_equal_teacher_forced_at_temperature_one(tiny, prompts, forward):
+  """Temperature 1 without filters samples from the policy itself: the sampler reuses
+  the processed log-prob as the policy log-prob, which must still equal the trainer's."""
+  params = tiny[1]
+  s = Sampler(tiny[0], _gen(sampling=SamplingConfig("temperature"), vocab_limit=None))
+  out = s.generate(params, *prompts, jax.random.key(5), num_samples=2)
+  ref_lp, _ = _teacher_forced(forward, params, prompts, out)
+  np.testing.assert_allclose(out.logprobs, ref_lp, atol=1e-5)
+  assert processing_is_identity(SamplingConfig("temperature"), None, 64)
+  assert not processing_is_identity(SamplingConfig("temperature"), 40, 64)
+  assert not processing_is_identity(SamplingConfig("temperature", temperature=0.7), None, 64)
+  assert not processing_is_identity(SamplingConfig("top_p", top_p=0.9), None, 64)
 
 
 def test_greedy_with_cache_equals_without(tiny, prompts):

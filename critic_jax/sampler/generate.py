@@ -54,7 +54,12 @@ from critic_jax.parallel import (
   logical_to_sharding,
   to_host,
 )
-from critic_jax.sampler.sampling import SamplingConfig, sample_with_uniforms, step_uniforms
+from critic_jax.sampler.sampling import (
+  SamplingConfig,
+  processing_is_identity,
+  sample_with_uniforms,
+  step_uniforms,
+)
 
 __all__ = [
   "DEFAULT_PROMPT_BUCKETS",
@@ -239,7 +244,10 @@ def _record(state: SampleState, logits: jax.Array, cfg: GenerationConfig) -> Sam
   if state.uniforms is not None:
     u = jax.lax.dynamic_slice_in_dim(state.uniforms, t, 1, axis=1)[:, 0]
   tok, plp = sample_with_uniforms(u, logits, cfg.sampling, cfg.vocab_limit)
-  lp = token_logprobs(logits, tok)
+  if processing_is_identity(cfg.sampling, cfg.vocab_limit, logits.shape[-1]):
+    lp = plp  # the same log softmax of the same logits: skip a second pass over V
+  else:
+    lp = token_logprobs(logits, tok)
   active = ~state.finished
   tok = jnp.where(active, tok, jnp.int32(cfg.pad_id))
 

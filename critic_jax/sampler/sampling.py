@@ -31,6 +31,7 @@ __all__ = [
   "inverse_cdf_draw",
   "mask_vocab",
   "process_logits",
+  "processing_is_identity",
   "sample_tokens",
   "sample_with_uniforms",
   "step_uniforms",
@@ -140,6 +141,13 @@ def process_logits(
   """Float32 logits `[B, V]` of the distribution `cfg` samples from (excluded ids at -inf)."""
   logits = mask_vocab(logits.astype(jnp.float32), vocab_limit)
   return SAMPLERS.get(cfg.method)(logits, cfg)
+
+
+def processing_is_identity(cfg: SamplingConfig, vocab_limit: int | None, vocab_size: int) -> bool:
+  """True when `process_logits` returns the logits unchanged (temperature 1, no filter,
+  no vocabulary mask): then the processed log-prob of a token is its policy log-prob."""
+  masked = vocab_limit is not None and vocab_limit < vocab_size
+  return cfg.method == "temperature" and cfg.temperature == 1.0 and not masked
 
 
 def row_keys(rng: jax.Array, sample_ids: jax.Array, step) -> jax.Array:
