@@ -28,7 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from critic_jax.models.blocked_attention import blocked_attention
+from critic_jax.models.blocked_attention import DEFAULT_BLOCK, blocked_attention
 from critic_jax.models.layers import Linear, Norm, apply_rope, constrain
 
 __all__ = ["Attention", "attend", "causal_mask", "decode_mask", "write_cache"]
@@ -199,7 +199,7 @@ class Attention(nn.Module):
   init_std: float = 0.02
   out_init_std: float = 0.02
   implementation: str = "xla"
-  block: int = 64
+  block: int = DEFAULT_BLOCK
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   grad: str = "autodiff"

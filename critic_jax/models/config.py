@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from critic_jax.models.blocked_attention import DEFAULT_BLOCK
 from critic_jax.models.layers import LINEAR_GRADS
 from critic_jax.registry import Registry
 
@@ -117,7 +118,7 @@ class ModelConfig:
   remat: str = "none"
   scan_layers: bool = False
   attention_impl: str = "auto"
-  attention_block: int = 64
+  attention_block: int = DEFAULT_BLOCK
   matmul_grad: str = "auto"
   init_std: float = 0.02
 
