@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from critic_jax.models import KVCache, ModelConfig, Transformer
-from critic_jax.models.layers import rope_inv_freq
+from critic_jax.models import KVCache, ModelConfig, Transformer, layers
+from critic_jax.models.layers import rope_cos_sin, rope_inv_freq
 
 FAMILIES = ["tiny", "tiny_gpt2", "tiny_qwen3"]
 
@@ -186,6 +186,79 @@ def test_rope_scaling():
   np.testing.assert_allclose(np.asarray(l3)[wavelen > 8192], np.asarray(b3)[wavelen > 8192] / 8)
   with pytest.raises(ValueError, match="yarn"):
     ModelConfig(rope_scaling={"rope_type": "yarn", "factor": 2.0})
+
+
+def test_rope_tables_exact_for_every_int32_position():
+  # cos(p f) and sin(p f) from base-256 digit tables: against float64 for positions over the
+  # whole int32 range (negative ones too), and against the float32 "direct" path.
+  inv = np.asarray(rope_inv_freq(16, 10000.0))
+  rng = np.random.RandomState(0)
+  special = [0, 1, 255, 256, 257, 65535, 65536, 2**24 - 1, 2**24, 2**31 - 1, -1, -256, -(2**31)]
+  pos = np.concatenate([special, rng.randint(-(2**31), 2**31 - 1, 51)]).astype(np.int32)
+  pos = pos.reshape(4, 16)
+  cos, sin = jax.jit(lambda p: rope_cos_sin(p, inv, "tables"))(jnp.asarray(pos))
+  assert cos.shape == sin.shape == (4, 16, 16)
+  ang = pos.astype(np.float64)[..., None] * inv.astype(np.float64)
+  ang = np.concatenate([ang, ang], -1)
+  np.testing.assert_allclose(cos, np.cos(ang), atol=5e-7)
+  np.testing.assert_allclose(sin, np.sin(ang), atol=5e-7)
+  small = jnp.asarray(np.arange(256, dtype=np.int32).reshape(2, 128))
+  for a, b in zip(
+    rope_cos_sin(small, inv, "tables"), rope_cos_sin(small, inv, "direct"), strict=True
+  ):
+    np.testing.assert_allclose(a, b, atol=3e-5)  # "direct" rounds p f to float32
+  with pytest.raises(ValueError, match="rope impl"):
+    rope_cos_sin(small, inv, "fast")
+
+
+def test_rope_impls_give_the_same_model():
+  cfg = ModelConfig.preset("tiny", rope_impl="direct")
+  tok = _tokens(t=24)
+  model, params = _init(cfg, tok)
+  ref = model.apply({"params": params}, tok).logits
+  out = Transformer(cfg.replace(rope_impl="tables")).apply({"params": params}, tok).logits
+  np.testing.assert_allclose(out, ref, atol=2e-5)
+  assert ModelConfig(rope_impl="auto").resolved_rope_impl == "tables"  # the CPU backend
+  with pytest.raises(ValueError, match="model.rope_impl"):
+    ModelConfig(rope_impl="fast")
+
+
+def test_materialised_transpose():
+  x = jnp.asarray(np.random.RandomState(0).randn(6, 10), jnp.bfloat16)
+  np.testing.assert_array_equal(jax.jit(layers._t)(x), x.T)
+
+
+def test_bf16_matmul_grad_modes_agree():
+  # bfloat16 compute: the custom VJP (bf16 operands, float32 accumulation, transposes
+  # materialised) against JAX's transpose rule, and both against float32.
+  cfg = ModelConfig.preset("tiny", num_layers=2, dtype="bfloat16", matmul_grad="autodiff")
+  tok = _tokens()
+  model, params = _init(cfg, tok)
+
+  def grads(c):
+    m = Transformer(c)
+
+    def loss(p):
+      lp = jax.nn.log_softmax(m.apply({"params": p}, tok).logits.astype(jnp.float32))
+      return jnp.mean(lp[..., 7] ** 2)
+
+    return jax.jit(jax.grad(loss))(params)
+
+  g_auto = grads(cfg)
+  g_fast = grads(cfg.replace(matmul_grad="transpose_smaller"))
+  g_f32 = grads(cfg.replace(dtype="float32"))
+  for (path, a), b, c in zip(
+    jax.tree_util.tree_leaves_with_path(g_f32),
+    jax.tree.leaves(g_auto),
+    jax.tree.leaves(g_fast),
+    strict=True,
+  ):
+    assert b.dtype == c.dtype == jnp.float32
+    scale = float(jnp.linalg.norm(a)) + 1e-12
+    for other in (b, c):
+      rel = float(jnp.linalg.norm(other - a)) / scale
+      assert rel < 0.05, (jax.tree_util.keystr(path), rel)
+    assert float(jnp.linalg.norm(b - c)) / scale < 0.05, jax.tree_util.keystr(path)
 
 
 def test_config_errors_name_the_field():

@@ -14,6 +14,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from critic_jax.losses import next_token_loss
+from critic_jax.losses.sft import first_argmax
 from critic_jax.models import ModelConfig, Transformer
 from critic_jax.parallel import DEFAULT_RULES, make_mesh
 from critic_jax.train import get_trainer
@@ -61,6 +62,19 @@ def test_loss_counts_only_response_tokens():
   )
   loss2, _ = next_token_loss(logits=noisy[:, :-1], targets=targets, mask=mask)
   np.testing.assert_allclose(loss2, loss, rtol=1e-6)
+
+
+def test_token_accuracy_argmax_keeps_the_first_of_tied_maxima():
+  rng = np.random.RandomState(0)
+  x = jnp.asarray(rng.randn(3, 7, 50), jnp.float32)
+  np.testing.assert_array_equal(first_argmax(x), jnp.argmax(x, -1))
+  # Ties (bfloat16 logits tie often): the first index of the maximum, as jnp.argmax.
+  tied = jnp.asarray([[0.0, 2.0, 1.0, 2.0], [3.0, 3.0, 3.0, 3.0], [-1.0, -2.0, -1.0, -5.0]])
+  np.testing.assert_array_equal(first_argmax(tied), [1, 0, 0])
+  np.testing.assert_array_equal(first_argmax(tied.astype(jnp.bfloat16)), [1, 0, 0])
+  targets = jnp.asarray([[3, 0, 0]])
+  _, m = next_token_loss(logits=tied[None], targets=targets, mask=jnp.ones((1, 3), bool))
+  np.testing.assert_allclose(m["token_accuracy"], 2 / 3)  # row 0's target 3 is a later tie
 
 
 def _one_step(accum, batch):

@@ -53,7 +53,7 @@ _CLASS_NAME = {v: k for k, v in ARCHITECTURES.items()}
 # come from the user's config when a run starts from an HF folder.
 RUNTIME_FIELDS = (
   "heads", "scalar_head_init", "dtype", "param_dtype", "remat", "scan_layers", "attention_impl",
-  "attention_block", "matmul_grad",
+  "attention_block", "matmul_grad", "rope_impl",
 )  # fmt: skip
 _GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # all the tanh approximation
 _DEFAULT_THETA = 10000.0

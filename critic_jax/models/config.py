@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from critic_jax.models.blocked_attention import DEFAULT_BLOCK
-from critic_jax.models.layers import LINEAR_GRADS
+from critic_jax.models.layers import LINEAR_GRADS, ROPE_IMPLS
 from critic_jax.registry import Registry
 
 __all__ = [
@@ -89,6 +89,10 @@ class ModelConfig:
       gradient explicitly; faster on XLA:CPU) or "auto" ("transpose_smaller" when the
       default backend is the CPU and remat is not a "dots" policy, which must see plain
       dot_generals to save them; else "autodiff"). Same math either way.
+    rope_impl: how RoPE's cos and sin are computed (`layers.rope_cos_sin`): "direct"
+      (float32 cos/sin of the angles), "tables" (angle addition over base-256 digit
+      tables: no transcendental functions, faster on CPUs) or "auto" ("tables" when the
+      default backend is the CPU, else "direct"). They agree to about 1e-5.
     init_std: std of the normal initialiser of the weight matrices.
   """
 
@@ -120,6 +124,7 @@ class ModelConfig:
   attention_impl: str = "auto"
   attention_block: int = DEFAULT_BLOCK
   matmul_grad: str = "auto"
+  rope_impl: str = "auto"
   init_std: float = 0.02
 
   def __post_init__(self):
@@ -140,6 +145,8 @@ class ModelConfig:
       raise ValueError(f"model.attention_block must be >= 1, got {self.attention_block}")
     if self.matmul_grad not in ("auto",) + LINEAR_GRADS:
       bad("matmul_grad", self.matmul_grad, ("auto",) + LINEAR_GRADS)
+    if self.rope_impl not in ROPE_IMPLS:
+      bad("rope_impl", self.rope_impl, ROPE_IMPLS)
     if self.scalar_head_init not in ("std", "var", "zeros"):
       bad("scalar_head_init", self.scalar_head_init, ("std", "var", "zeros"))
     for f in ("dtype", "param_dtype"):
@@ -189,6 +196,13 @@ class ModelConfig:
     if jax.default_backend() == "cpu" and not self.remat.startswith("dots"):
       return "transpose_smaller"
     return "autodiff"
+
+  @property
+  def resolved_rope_impl(self) -> str:
+    """`rope_impl` with "auto" resolved for the default backend."""
+    if self.rope_impl != "auto":
+      return self.rope_impl
+    return "tables" if jax.default_backend() == "cpu" else "direct"
 
   @property
   def compute_dtype(self):

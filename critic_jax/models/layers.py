@@ -14,12 +14,15 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 __all__ = [
   "Norm",
   "Mlp",
   "rope_inv_freq",
   "rope_cos_sin",
+  "rope_tables",
+  "ROPE_IMPLS",
   "apply_rope",
   "dense_init",
   "constrain",
@@ -29,6 +32,7 @@ __all__ = [
 ]
 
 LINEAR_GRADS = ("autodiff", "transpose_smaller")
+ROPE_IMPLS = ("auto", "direct", "tables")
 
 
 def dense_init(std: float, axes: tuple[str | None, ...]):
@@ -41,8 +45,28 @@ def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
   return nn.with_logical_constraint(x, axes)
 
 
+def _dot(a: jax.Array, b: jax.Array, dims) -> jax.Array:
+  """`dot_general` accumulating in float32, cast back to the operands' dtype.
+
+  XLA:CPU runs a bfloat16 dot on its AMX / YNNPACK kernels only when the dot returns float32
+  (and reads both operands row-major); any other bfloat16 dot it upcasts to a float32 dot.
+  """
+  out = jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+  return out.astype(jnp.result_type(a, b))
+
+
 def _mm(x: jax.Array, w: jax.Array) -> jax.Array:
-  return jax.lax.dot_general(x, w, (((1,), (0,)), ((), ())))
+  return _dot(x, w, (((1,), (0,)), ((), ())))
+
+
+def _t(x: jax.Array) -> jax.Array:
+  """`x.T` for a 2-D x, materialised row-major.
+
+  A plain transpose reaches the dot as a column-major operand, which makes XLA:CPU upcast
+  a bfloat16 dot to float32; going through a 3-D transpose makes the reshape copy instead.
+  """
+  m, k = x.shape
+  return jnp.transpose(x.reshape(1, m, k), (2, 0, 1)).reshape(k, m)
 
 
 @jax.custom_vjp
@@ -56,15 +80,16 @@ def _mm_fwd(x, w):
 
 def _mm_bwd(res, g):
   x, w = res
-  dx = jax.lax.dot_general(g, w, (((1,), (1,)), ((), ())))  # g [M, N] . w[K, N]^T
+  g = g.astype(x.dtype)
+  dx = _dot(g, w, (((1,), (1,)), ((), ())))  # g [M, N] . w[K, N]^T
   # dW = x^T g contracts the rows of both operands, and a CPU matmul kernel wants one of them
   # transposed in memory. Transpose the narrower of the two (a plain copy of a saved
   # activation) instead of leaving the choice to XLA, which on CPU tends to fuse the transpose
   # into the producer of g (e.g. the SwiGLU backward) and run that fusion far slower.
   if x.shape[1] <= g.shape[1]:
-    dw = _mm(jnp.transpose(x), g)
+    dw = _mm(_t(x), g)
   else:
-    dw = jnp.transpose(_mm(jnp.transpose(g), x))
+    dw = jnp.transpose(_mm(_t(g), x))
   return dx, dw.astype(w.dtype)
 
 
@@ -112,7 +137,7 @@ class Linear(nn.Module):
     )
     xc, kc = x.astype(self.dtype), kernel.astype(self.dtype)
     if self.grad == "autodiff":
-      y = jax.lax.dot_general(
+      y = _dot(
         xc, kc,
         ((tuple(range(x.ndim - self.in_dims, x.ndim)), tuple(range(self.in_dims))), ((), ())),
       )  # fmt: skip
@@ -196,11 +221,52 @@ def rope_inv_freq(
   raise ValueError(f"unsupported rope_type {rtype!r}")
 
 
-def rope_cos_sin(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """cos and sin tables `[B, T, H]` (rotate-half layout, as in HF Llama) in float32."""
-  angles = positions.astype(jnp.float32)[..., None] * inv_freq
-  angles = jnp.concatenate([angles, angles], axis=-1)
-  return jnp.cos(angles), jnp.sin(angles)
+def rope_tables(inv_freq: Any) -> np.ndarray:
+  """cos and sin of `digit * 256**level * inv_freq`, `[4, 2, 256, H/2]` float32.
+
+  The four base-256 digits of an int32 position p (the top one signed, -128..127) give
+  p = sum_l d_l 256^l exactly, so `rope_cos_sin(impl="tables")` recovers cos(p f) and
+  sin(p f) for every int32 p by three angle additions. The angles are formed and reduced in
+  float64 from the float32 `inv_freq` (the frequencies the "direct" path uses).
+  """
+  inv = np.asarray(inv_freq, np.float32).astype(np.float64)
+  out = np.empty((4, 2, 256, inv.size), np.float32)
+  digits = np.arange(256, dtype=np.float64)
+  for level in range(4):
+    d = digits - 128 if level == 3 else digits
+    angles = np.outer(d * 256.0**level, inv)
+    out[level, 0], out[level, 1] = np.cos(angles), np.sin(angles)
+  return out
+
+
+def rope_cos_sin(
+  positions: jax.Array, inv_freq: Any, impl: str = "direct"
+) -> tuple[jax.Array, jax.Array]:
+  """cos and sin tables `[B, T, H]` (rotate-half layout, as in HF Llama) in float32.
+
+  `impl="direct"` evaluates cos and sin of the float32 angles `positions * inv_freq`.
+  `impl="tables"` (needs a concrete `inv_freq`) reads them from `rope_tables` by the
+  position's base-256 digits and combines them with the angle-addition formulas: gathers
+  and multiplies instead of transcendental functions, which XLA fuses into every consumer
+  and so evaluates again for each head of each layer, forward and backward (on a 2-core
+  CPU the RoPE of a 4-layer model's training step went from 38 to 17 ms). Its values are
+  closer to the exact cos(p f) than "direct" is (no float32 rounding of p f).
+  """
+  if impl == "direct":
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+  if impl != "tables":
+    raise ValueError(f"rope impl={impl!r} is not one of {ROPE_IMPLS[1:]}")
+  tables = jnp.asarray(rope_tables(inv_freq))
+  p = positions.astype(jnp.int32)
+  cos = sin = None
+  for level in range(4):
+    digit = (p >> (8 * level)) & 255 if level < 3 else (p >> 24) + 128
+    c = jnp.take(tables[level, 0], digit, axis=0, mode="clip")
+    s = jnp.take(tables[level, 1], digit, axis=0, mode="clip")
+    cos, sin = (c, s) if cos is None else (cos * c - sin * s, sin * c + cos * s)
+  return jnp.concatenate([cos, cos], axis=-1), jnp.concatenate([sin, sin], axis=-1)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:

@@ -373,8 +373,9 @@ class Transformer(nn.Module):
     if cfg.position == "learned":
       x = x + self.pos_embed(positions)
     else:
-      inv_freq = rope_inv_freq(cfg.resolved_head_dim, cfg.rope_theta, cfg.rope_scaling)
-      rope = rope_cos_sin(positions, inv_freq)
+      with jax.ensure_compile_time_eval():  # concrete, for the tables
+        inv_freq = rope_inv_freq(cfg.resolved_head_dim, cfg.rope_theta, cfg.rope_scaling)
+      rope = rope_cos_sin(positions, inv_freq, cfg.resolved_rope_impl)
     x = constrain(x, ("act_batch", "act_length", "act_embed"))
 
     # Per layer: the cached (k, v) segments attended before the new tokens.
