@@ -14,7 +14,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from critic_jax.losses import next_token_loss
-from critic_jax.losses.sft import first_argmax
+from critic_jax.losses.common import first_argmax
 from critic_jax.models import ModelConfig, Transformer
 from critic_jax.parallel import DEFAULT_RULES, make_mesh
 from critic_jax.train import get_trainer

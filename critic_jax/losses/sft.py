@@ -5,10 +5,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from critic_jax.losses.common import masked_mean, masked_sum
+from critic_jax.losses.common import first_argmax, masked_mean, masked_sum
 from critic_jax.losses.registry import LOSSES
 
-__all__ = ["token_logprobs", "next_token_loss", "first_argmax"]
+__all__ = ["token_logprobs", "next_token_loss"]
 
 
 def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -24,17 +24,6 @@ def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
   lse = jax.nn.logsumexp(logits, axis=-1)
   picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
   return picked - lse
-
-
-def first_argmax(x: jax.Array) -> jax.Array:
-  """`jnp.argmax(x, -1)` (the first index of the maximum) as a max and a min reduction.
-
-  Same result; XLA:CPU runs argmax's (value, index) pair reduction about 2x slower than these
-  two plain reductions (8.2 vs 4.0 ms over [8, 255, 2048] on a 2-core CPU).
-  """
-  top = jnp.max(x, axis=-1, keepdims=True)
-  iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
-  return jnp.min(jnp.where(x == top, iota, x.shape[-1]), axis=-1)
 
 
 @LOSSES.register("sft")
