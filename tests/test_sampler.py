@@ -343,6 +343,21 @@ def test_logprobs_equal_teacher_forced_at_temperature_one(tiny, prompts, forward
   assert not processing_is_identity(SamplingConfig("top_p", top_p=0.9), None, 64)
 
 
+def test_cache_dtype(tiny, prompts, forward):
+  """ "auto" caches keys/values in float32 on the CPU (exact above); a bfloat16 cache rounds
+  them, so its log-probs move off the teacher-forced ones by bfloat16 rounding only."""
+  assert _gen().resolved_cache_dtype(jnp.bfloat16) == jnp.float32  # the CPU backend
+  assert _gen(cache_dtype="bfloat16").resolved_cache_dtype(jnp.float32) == jnp.bfloat16
+  with pytest.raises(ValueError, match="cache_dtype"):
+    _gen(cache_dtype="float16")
+  params = tiny[1]
+  s = Sampler(tiny[0], _gen(sampling=SamplingConfig("greedy"), cache_dtype="bfloat16"))
+  out = s.generate(params, *prompts, jax.random.key(0))
+  ref_lp, _ = _teacher_forced(forward, params, prompts, out)
+  err = np.abs(out.logprobs - ref_lp)[out.mask]
+  assert 1e-5 < err.max() < 0.05, err.max()
+
+
 def test_greedy_with_cache_equals_without(tiny, prompts):
   model, params = tiny
   tokens, lengths = prompts

@@ -260,11 +260,12 @@ class Attention(nn.Module):
         cv = jax.lax.dynamic_update_slice(cv, v_new.astype(cv.dtype), (0, 0, write_at, 0))
         segments[-1] = [constrain(ck, CACHE_AXES), constrain(cv, VALUE_CACHE_AXES)]
         written = tuple(segments[-1])
+      # Each segment is read in its own dtype (a float32 cache under bfloat16 compute is
+      # not converted: the matmuls promote the queries instead).
       triples = [
-        (constrain(ck.astype(self.dtype), CACHE_AXES),
-         constrain(cv.astype(self.dtype), VALUE_CACHE_AXES), cm)
+        (constrain(ck, CACHE_AXES), constrain(cv, VALUE_CACHE_AXES), cm)
         for (ck, cv), cm in zip(segments, context_masks, strict=True)
-      ]  # fmt: skip
+      ]
       if write_at is None:
         triples.append((k_new, v_new, mask[:, 0]))
       out = attend(q, triples)

@@ -76,6 +76,7 @@ __all__ = [
   "unscan_params",
 ]
 
+CACHE_DTYPES = ("auto", "float32", "bfloat16")
 DEFAULT_PROMPT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 
@@ -95,6 +96,11 @@ class GenerationConfig:
       step reads only the chunks in use (one compiled step per chunk); None: one
       chunk of T - 1 slots.
     processed_logprobs: also record log-probs under the processed distribution.
+    cache_dtype: dtype of the cached prompt and generated keys/values: "float32",
+      "bfloat16", or "auto": float32 when the default backend is the CPU (XLA:CPU
+      upcasts a bfloat16 cache write to float32, rewriting the whole cache every step,
+      and runs the small attention matmuls slower in bfloat16), else the model's compute
+      dtype. Attention over the cache computes in the wider of the two dtypes.
   """
 
   max_new_tokens: int
@@ -104,13 +110,22 @@ class GenerationConfig:
   vocab_limit: int | None = None
   kv_chunk: int | None = None
   processed_logprobs: bool = False
+  cache_dtype: str = "auto"
 
   def __post_init__(self):
+    if self.cache_dtype not in CACHE_DTYPES:
+      raise ValueError(f"cache_dtype={self.cache_dtype!r} is not one of {CACHE_DTYPES}")
     if self.max_new_tokens < 1:
       raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
     if self.kv_chunk is not None and self.kv_chunk < 1:
       raise ValueError(f"kv_chunk must be >= 1 or None, got {self.kv_chunk}")
     object.__setattr__(self, "stop_tokens", tuple(int(t) for t in self.stop_tokens))
+
+  def resolved_cache_dtype(self, compute_dtype) -> jnp.dtype:
+    """The KV cache dtype for a model computing in `compute_dtype`."""
+    if self.cache_dtype != "auto":
+      return jnp.dtype(self.cache_dtype)
+    return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else compute_dtype)
 
   @property
   def cache_slots(self) -> int:
@@ -297,12 +312,14 @@ def init_state(
   b = tokens.shape[0]
   r = b * num_samples
   logits, pk, pv = prefill_prompts(model, params, tokens, lengths)
+  dtype = cfg.resolved_cache_dtype(mcfg.compute_dtype)
+  pk, pv = (tuple(x.astype(dtype) for x in kv) for kv in (pk, pv))
   k_shape = (r, mcfg.num_kv_heads, mcfg.resolved_head_dim, cfg.chunk_size)
   v_shape = (r, mcfg.num_kv_heads, cfg.chunk_size, mcfg.resolved_head_dim)
 
   def chunks(shape, put):
     return tuple(
-      tuple(put(jnp.zeros(shape, mcfg.compute_dtype)) for _ in range(cfg.num_chunks))
+      tuple(put(jnp.zeros(shape, dtype)) for _ in range(cfg.num_chunks))
       for _ in range(mcfg.num_layers)
     )
 
