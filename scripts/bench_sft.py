@@ -6,7 +6,10 @@
         --dtype bfloat16 --attention cudnn --remat dots_no_batch --torch   # H100
 
 Both sides train the same Llama-shaped model (random init) with AdamW on the
-same batch and sequence length; the loss covers every token. Prints tokens/s,
+same batch and sequence length; the loss covers every token. With --dtype bfloat16
+critic_jax keeps float32 parameters and computes in bfloat16; PyTorch runs twice, with
+bfloat16 weights and with float32 weights under `torch.autocast` (bfloat16), and the ratio
+is taken to the faster of the two. Prints tokens/s,
 step time, model FLOPs utilisation (6N + attention FLOPs per token over the
 chip's peak, when --peak_tflops is known) and the ratio.
 """
@@ -135,7 +138,7 @@ def bench_jax(args, cfg):
   return dt, compile_s, float(box["metrics"]["loss"])
 
 
-def bench_torch(args, cfg):
+def bench_torch(args, cfg, autocast=False):
   import torch
   from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -150,14 +153,16 @@ def bench_torch(args, cfg):
     rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings,
     attn_implementation="sdpa",
   )  # fmt: skip
-  dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+  # bf16 weights, or (autocast) float32 weights with bf16 matmuls as critic_jax computes.
+  dtype = torch.bfloat16 if args.dtype == "bfloat16" and not autocast else torch.float32
   model = LlamaForCausalLM(hf_cfg).to(dev, dtype=dtype)
   model.train()
   opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
   tokens = torch.from_numpy(batch_np(args, cfg.vocab_size)["tokens"].astype(np.int64)).to(dev)
 
   def run():
-    out = model(input_ids=tokens, labels=tokens)
+    with torch.autocast(dev, dtype=torch.bfloat16, enabled=autocast):
+      out = model(input_ids=tokens, labels=tokens)
     out.loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
@@ -194,6 +199,10 @@ def main():
   if args.torch:
     dt_torch = bench_torch(args, cfg)
     line("pytorch", dt_torch)
+    if args.dtype == "bfloat16":  # also the mixed-precision loop; the ratio is to the faster
+      dt_amp = bench_torch(args, cfg, autocast=True)
+      line("autocast", dt_amp)
+      dt_torch = min(dt_torch, dt_amp)
     print(f"ratio (critic_jax tokens/s over PyTorch tokens/s): {dt_torch / dt_jax:.2f}x")
 
 
