@@ -316,6 +316,9 @@ def rates(r: dict, args) -> dict:
 
 def main(argv=None):
   args = parse_args(argv)
+  from critic_jax.hostmem import keep_freed_memory
+
+  keep_freed_memory()  # in each side's child process (both sides get it)
   if args.side != "both":
     res = run_ours(args) if args.side == "ours" else run_hf(args)
     print("RESULT " + json.dumps(res))

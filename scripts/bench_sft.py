@@ -29,6 +29,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from critic_jax.hostmem import keep_freed_memory  # noqa: E402
 from critic_jax.models import ModelConfig, Transformer  # noqa: E402
 from critic_jax.parallel import DEFAULT_RULES, batch_sharding, make_mesh  # noqa: E402
 from critic_jax.train.optim import make_optimizer  # noqa: E402
@@ -174,6 +175,7 @@ def bench_torch(args, cfg, autocast=False):
 
 def main():
   args = parse()
+  keep_freed_memory()  # both loops run in this process and share the setting
   cfg = model_config(args)
   tokens = args.batch * args.seq
   flops = cfg.flops_per_token(args.seq) * tokens

@@ -132,6 +132,9 @@ def load_hf(args, mesh, rules):
 
 def main(argv=None):
   args = parse_args(argv)
+  from critic_jax.hostmem import keep_freed_memory
+
+  keep_freed_memory()
   import jax
   import numpy as np
   import tqdm

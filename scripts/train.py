@@ -15,6 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from critic_jax.hostmem import keep_freed_memory  # noqa: E402
 from critic_jax.train import get_trainer  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<name>.py[:variant]")
@@ -24,6 +25,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
+  keep_freed_memory()  # XLA:CPU's per-step buffers stay mapped (see critic_jax/hostmem.py)
   # critic_jax's own progress at INFO; libraries (orbax's per-save chatter) at WARNING.
   logging.set_verbosity(logging.WARNING)
   pylogging.getLogger("critic_jax").setLevel(pylogging.INFO)
