@@ -97,7 +97,7 @@ def first_argmax(x: jax.Array) -> jax.Array:
 
   Same result for non-NaN x. XLA:CPU runs argmax's variadic (value, index) reduction as a
   scalar loop: 8.2 ms over [8, 255, 2048] logits on a 2-core CPU against 4.0 ms for these two
-  vectorised reductions (4 ms against less for 64 x 2048 sampler logits).
+  vectorised reductions. Used by the SFT token accuracy and the sampler's greedy rule.
   """
   idx = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
   hit = x == jnp.max(x, axis=-1, keepdims=True)

@@ -50,6 +50,9 @@ def _dot(a: jax.Array, b: jax.Array, dims) -> jax.Array:
 
   XLA:CPU runs a bfloat16 dot on its AMX / YNNPACK kernels only when the dot returns float32
   (and reads both operands row-major); any other bfloat16 dot it upcasts to a float32 dot.
+  Used by the "transpose_smaller" custom VJP (the CPU default), which builds its backward
+  dots itself; the "autodiff" path keeps plain dots, whose transposes and remat-saved
+  outputs stay in the compute dtype on GPUs and TPUs.
   """
   out = jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
   return out.astype(jnp.result_type(a, b))
@@ -140,7 +143,7 @@ class Linear(nn.Module):
     )
     xc, kc = x.astype(self.dtype), kernel.astype(self.dtype)
     if self.grad == "autodiff":
-      y = _dot(
+      y = jax.lax.dot_general(
         xc, kc,
         ((tuple(range(x.ndim - self.in_dims, x.ndim)), tuple(range(self.in_dims))), ((), ())),
       )  # fmt: skip
