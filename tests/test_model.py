@@ -102,6 +102,46 @@ def test_packed_rows_equal_separate_sequences():
   np.testing.assert_allclose(out[:, 5:9], model.apply({"params": params}, b).logits, atol=1e-5)
 
 
+def test_cudnn_config_keeps_packed_segments_apart(monkeypatch):
+  """attention_impl="cudnn" uses sequence lengths only for rows promised unpacked.
+
+  cuDNN is not available on the CPU, so its calls run through XLA here: what is checked
+  is which masks the model hands to the kernel (lengths, or the explicit segment mask).
+  """
+  real = jax.nn.dot_product_attention
+  calls = []
+
+  def on_cpu(*args, implementation=None, **kw):
+    calls.append("lengths" if kw.get("query_seq_lengths") is not None else "mask")
+    return real(*args, implementation="xla" if implementation == "cudnn" else implementation, **kw)
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", on_cpu)
+  cfg = ModelConfig.preset("tiny", attention_impl="xla")
+  a, b = _tokens(b=1, t=5, seed=1), _tokens(b=1, t=4, seed=2)
+  model, params = _init(cfg, a)
+  cudnn = Transformer(cfg.replace(attention_impl="cudnn"))
+  tokens = jnp.concatenate([a, b, jnp.zeros((1, 3), jnp.int32)], axis=1)
+  seg = jnp.asarray([[1] * 5 + [2] * 4 + [0] * 3], jnp.int32)
+  pos = jnp.asarray([list(range(5)) + list(range(4)) + [0] * 3], jnp.int32)
+  kw = dict(segment_ids=seg, positions=pos)
+  ref = model.apply({"params": params}, tokens, **kw).logits
+  calls.clear()
+  out = cudnn.apply({"params": params}, tokens, **kw).logits  # packed=True, the default
+  assert set(calls) == {"mask"}
+  np.testing.assert_allclose(out, ref, atol=1e-5)
+  np.testing.assert_allclose(out[:, 5:9], model.apply({"params": params}, b).logits, atol=1e-5)
+  # The same row through the lengths path would let segment 2 attend segment 1.
+  wrong = cudnn.apply({"params": params}, tokens, packed=False, **kw).logits
+  assert np.max(np.abs(np.asarray(wrong[:, 5:9] - ref[:, 5:9]))) > 1e-3
+  # One right-padded segment per row: packed=False takes the lengths path, same logits.
+  one = jnp.asarray([[1] * 9 + [0] * 3], jnp.int32)
+  calls.clear()
+  fast = cudnn.apply({"params": params}, tokens, segment_ids=one, packed=False).logits
+  assert set(calls) == {"lengths"}
+  slow = model.apply({"params": params}, tokens, segment_ids=one).logits
+  np.testing.assert_allclose(fast[:, :9], slow[:, :9], atol=1e-5)
+
+
 def test_scan_and_remat_match_unrolled():
   cfg = ModelConfig.preset("tiny", num_layers=3)
   tok = _tokens()

@@ -91,7 +91,7 @@ class RewardModel:
     `loss_mask [B, T]` (true on response tokens) locates the last prompt token for the GPM
     gate; it is only needed for head "gpm" with a gate.
     """
-    kw = dict(positions=positions, segment_ids=segment_ids)
+    kw = dict(positions=positions, segment_ids=segment_ids, packed=False)  # one segment per row
     if self.gpm is None:
       return RewardOutput(
         rewards=self.trunk.apply({"params": params}, tokens, heads=("reward",), **kw).rewards

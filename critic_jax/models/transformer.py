@@ -207,6 +207,11 @@ class Transformer(nn.Module):
       positions that restart per segment).
     segment_ids: `[B, T]` int32; 0 marks padding, equal ids attend to each other
       (packing). Default: all ones. Ignored when decoding.
+    packed: whether a row may hold several segments (static; default True). False
+      promises that every row is one segment followed by padding (ids 1..1 0..0), which
+      lets `attention_impl="cudnn"` use cuDNN's causal + padding masks (sequence
+      lengths) instead of an explicit mask; with True (or any `attn_mask`) cuDNN gets
+      the explicit segment mask, so packed rows never attend across segments.
     attn_mask: optional `[B, T, T]` bool AND-ed into the causal mask (training only).
     cache: optional `KVCache`; new keys/values are written at slots
       `cache_index[b] + t` and attention spans the cache slots before them.
@@ -318,6 +323,7 @@ class Transformer(nn.Module):
     positions: jax.Array | None = None,
     segment_ids: jax.Array | None = None,
     attn_mask: jax.Array | None = None,
+    packed: bool = True,
     cache: KVCache | None = None,
     cache_index: jax.Array | None = None,
     context: DecodeContext | None = None,
@@ -360,10 +366,14 @@ class Transformer(nn.Module):
       if positions is None:
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
       fast = (
-        cfg.resolved_attention_impl == "cudnn" and attn_mask is None and cfg.sliding_window is None
+        cfg.resolved_attention_impl == "cudnn"
+        and not packed
+        and attn_mask is None
+        and cfg.sliding_window is None
       )
       if fast:
-        # Right-padded rows without packing: cuDNN's causal + padding masks.
+        # One right-padded segment per row (the caller's promise): cuDNN's causal + padding
+        # masks. Sequence lengths cannot express several segments per row.
         mask, lengths = None, jnp.sum(segment_ids != 0, axis=1).astype(jnp.int32)
       else:
         mask = causal_mask(segment_ids, positions, cfg.sliding_window, attn_mask)

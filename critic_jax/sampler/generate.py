@@ -243,7 +243,9 @@ def prefill_prompts(
   """
   b, p = tokens.shape
   seg = (jnp.arange(p)[None, :] < lengths[:, None]).astype(jnp.int32)
-  out = model.apply({"params": params}, tokens, segment_ids=seg, return_kv=True, heads=())
+  out = model.apply(
+    {"params": params}, tokens, segment_ids=seg, packed=False, return_kv=True, heads=()
+  )  # fmt: skip
   last = jnp.take_along_axis(out.hidden, (lengths - 1)[:, None, None], axis=1)
   logits = model.apply({"params": params}, last, method="lm_logits")[:, 0].astype(jnp.float32)
   n = model.config.num_layers

@@ -84,13 +84,14 @@ def response_logps(model: Transformer, params, rows: dict[str, jax.Array], attn_
   """Summed log-probs of the response tokens of each row.
 
   Args:
-    rows: tokens, positions, segment_ids, loss_mask, all `[N, T]`.
+    rows: tokens, positions, segment_ids, loss_mask, all `[N, T]`; one right-padded
+      sequence per row (segment ids 1, then 0), as `critic_jax.data.preference` builds them.
   Returns:
     (logps `[N]`, response token counts `[N]`, logits `[N, T-1, V]`, mask `[N, T-1]`).
   """
   out = model.apply(
     {"params": params}, rows["tokens"], positions=rows["positions"],
-    segment_ids=rows["segment_ids"], attn_mask=attn_mask, heads=("lm",),
+    segment_ids=rows["segment_ids"], packed=False, attn_mask=attn_mask, heads=("lm",),
   )  # fmt: skip
   seg = rows["segment_ids"]
   mask = rows["loss_mask"][:, 1:] & (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] != 0)

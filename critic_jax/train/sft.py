@@ -58,10 +58,10 @@ def sft_targets(batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
   return targets, mask
 
 
-def _forward_loss(model: Transformer, loss_fn, params, batch):
+def _forward_loss(model: Transformer, loss_fn, params, batch, packed: bool):
   out = model.apply(
     {"params": params}, batch["tokens"], positions=batch["positions"],
-    segment_ids=batch["segment_ids"], heads=("lm",),
+    segment_ids=batch["segment_ids"], packed=packed, heads=("lm",),
   )  # fmt: skip
   targets, mask = sft_targets(batch)
   return loss_fn(logits=out.logits[:, :-1], targets=targets, mask=mask)
@@ -69,12 +69,14 @@ def _forward_loss(model: Transformer, loss_fn, params, batch):
 
 def make_train_step(
   model: Transformer, tx: optax.GradientTransformation, schedule, loss_name: str = "sft",
-  accum_steps: int = 1,
+  accum_steps: int = 1, packed: bool = True,
 ):  # fmt: skip
   """One optimizer step over a global batch, split into `accum_steps` micro-batches.
 
   The loss is the token mean over the whole batch, so accumulation gives the same
-  update as one big batch: micro-batch m contributes grad(mean_m) * n_m / n.
+  update as one big batch: micro-batch m contributes grad(mean_m) * n_m / n. `packed`
+  (static): rows may hold several segments (`Transformer`'s argument; False lets the
+  cuDNN attention use sequence lengths, for unpacked data only).
   """
   loss_fn = LOSSES.get(loss_name)
 
@@ -94,7 +96,7 @@ def make_train_step(
       mb, n = xs
 
       def weighted(p):
-        loss, metrics = _forward_loss(model, loss_fn, p, mb)
+        loss, metrics = _forward_loss(model, loss_fn, p, mb, packed)
         return loss * n / total, metrics
 
       (wloss, metrics), grads = jax.value_and_grad(weighted, has_aux=True)(state.params)
@@ -122,12 +124,12 @@ def make_train_step(
   return step
 
 
-def make_eval_step(model: Transformer, loss_name: str = "sft"):
+def make_eval_step(model: Transformer, loss_name: str = "sft", packed: bool = True):
   """(params, batch) -> summed NLL and token count over the batch's response tokens."""
   loss_fn = LOSSES.get(loss_name)
 
   def eval_step(params, batch):
-    _, metrics = _forward_loss(model, loss_fn, params, batch)
+    _, metrics = _forward_loss(model, loss_fn, params, batch, packed)
     return {"nll_sum": metrics["nll_sum"], "num_tokens": metrics["num_tokens"]}
 
   return eval_step
@@ -157,7 +159,8 @@ class Evaluator:
     self.config, self.tok, self.task, self.mesh = config, tokenizer, task, mesh
     self.examples = list(examples)
     self.batch = eval_batch_size(config.eval.batch_size, len(self.examples), mesh)
-    self._eval_step = jax.jit(make_eval_step(model, config.loss))
+    # Held-out rows are never packed (`loss` below pads one example per row).
+    self._eval_step = jax.jit(make_eval_step(model, config.loss, packed=False))
     self.greedy = None
     if task is not None and self.examples:
       self.greedy = GreedyTaskEval(
@@ -230,7 +233,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     # --- the jitted step ----------------------------------------------------
     step_fn = jax.jit(
-      make_train_step(model, tx, schedule, config.loss, config.optimizer.accum_steps),
+      make_train_step(
+        model, tx, schedule, config.loss, config.optimizer.accum_steps, config.data.packing
+      ),
       in_shardings=(shardings, batch_sharding(mesh)),
       out_shardings=(shardings, None),
       donate_argnums=(0,),
