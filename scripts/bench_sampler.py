@@ -35,16 +35,16 @@ bf16, >= 20x at batch 64 and >= 50% of the roofline at batch 256.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from benchlib import forward_args, print_result, run_side  # noqa: E402
 
 # The CPU default: a small Llama shape where neither side is dominated by start-up.
 CPU_DEFAULT = dict(
@@ -277,27 +277,12 @@ def run_hf(args) -> dict:
 
 # --- driver -------------------------------------------------------------------------
 def child(args, side: str) -> dict:
-  cmd = [sys.executable, os.path.abspath(__file__), "--side", side] + _forward(args)
-  env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", TOKENIZERS_PARALLELISM="false")
+  env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
   if args.threads == 1:
     flags = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
     env.update(XLA_FLAGS=f"{env.get('XLA_FLAGS', '')} {flags}".strip(), OMP_NUM_THREADS="1",
                MKL_NUM_THREADS="1")  # fmt: skip
-  proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
-  lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-  if proc.returncode or not lines:
-    sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
-    raise SystemExit(f"the {side} side failed (exit {proc.returncode})")
-  return json.loads(lines[-1][len("RESULT ") :])
-
-
-def _forward(args) -> list[str]:
-  out = []
-  for k, v in vars(args).items():
-    if k in ("side", "timeout"):
-      continue
-    out += [f"--{k.replace('_', '-')}", str(v)]
-  return out
+  return run_side(__file__, side, forward_args(args), env=env, timeout=args.timeout)
 
 
 def rates(r: dict, args) -> dict:
@@ -321,7 +306,7 @@ def main(argv=None):
   keep_freed_memory()  # in each side's child process (both sides get it)
   if args.side != "both":
     res = run_ours(args) if args.side == "ours" else run_hf(args)
-    print("RESULT " + json.dumps(res))
+    print_result(res)
     return
   cfg = model_config(args)
   ours = child(args, "ours")

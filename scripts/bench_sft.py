@@ -9,7 +9,9 @@ Both sides train the same Llama-shaped model (random init) with AdamW on the
 same batch and sequence length; the loss covers every token. With --dtype bfloat16
 critic_jax keeps float32 parameters and computes in bfloat16; PyTorch runs twice, with
 bfloat16 weights and with float32 weights under `torch.autocast` (bfloat16), and the ratio
-is taken to the faster of the two. Prints tokens/s,
+is taken to the faster of the two. Each side runs in its own child process (`--side`;
+`scripts/benchlib.py`), so on a GPU JAX's preallocated pool and PyTorch's allocator never
+share the device's memory, and the parent initialises neither. Prints tokens/s,
 step time, model FLOPs utilisation (6N + attention FLOPs per token over the
 chip's peak, when --peak_tflops is known) and the ratio.
 """
@@ -28,6 +30,7 @@ import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from benchlib import forward_args, print_result, run_side  # noqa: E402
 
 from critic_jax.hostmem import keep_freed_memory  # noqa: E402
 from critic_jax.models import ModelConfig, Transformer  # noqa: E402
@@ -39,7 +42,7 @@ from critic_jax.train.state import init_train_state  # noqa: E402
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
-def parse():
+def parse(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument(
     "--preset", default="bench_small",
@@ -59,8 +62,16 @@ def parse():
     help="model.matmul_grad: how weight-matmul backward passes are built",
   )  # fmt: skip
   p.add_argument("--torch", action="store_true", help="also run the PyTorch baseline")
-  p.add_argument("--peak_tflops", type=float, default=None, help="chip peak for MFU")
-  return p.parse_args()
+  p.add_argument(
+    "--peak-tflops", "--peak_tflops", dest="peak_tflops", type=float, default=None,
+    help="chip peak for MFU",
+  )  # fmt: skip
+  p.add_argument(
+    "--side", default="both", choices=("both", "jax", "torch", "autocast"),
+    help="both: run each side in its own child process (the default); else run that one here",
+  )  # fmt: skip
+  p.add_argument("--timeout", type=float, default=1800.0, help="per side, seconds")
+  return p.parse_args(argv)
 
 
 def model_config(args) -> ModelConfig:
@@ -121,8 +132,9 @@ def bench_jax(args, cfg):
       mesh, DEFAULT_RULES,
     )  # fmt: skip
     step = jax.jit(
-      make_train_step(model, tx, sched, "sft", 1), in_shardings=(shardings, batch_sharding(mesh)),
-      out_shardings=(shardings, None), donate_argnums=(0,),
+      make_train_step(model, tx, sched, "sft", 1, packed=False),
+      in_shardings=(shardings, batch_sharding(mesh)), out_shardings=(shardings, None),
+      donate_argnums=(0,),
     )  # fmt: skip
     batch = {k: jax.device_put(v, batch_sharding(mesh, v.ndim))
              for k, v in batch_np(args, cfg.vocab_size).items()}  # fmt: skip
@@ -173,18 +185,39 @@ def bench_torch(args, cfg, autocast=False):
   return time_steps(run, sync, args.warmup, args.steps)
 
 
+def run_side_here(args) -> dict:
+  """One side, in this process (a child of `main`)."""
+  keep_freed_memory()
+  cfg = model_config(args)
+  if args.side == "jax":
+    dt, compile_s, loss = bench_jax(args, cfg)
+    dev = jax.devices()[0]
+    return dict(step_s=dt, compile_s=compile_s, loss=loss, device=dev.device_kind,
+                devices=jax.device_count())  # fmt: skip
+  import torch
+
+  dt = bench_torch(args, cfg, autocast=args.side == "autocast")
+  return dict(step_s=dt, device="cuda" if torch.cuda.is_available() else "cpu")
+
+
 def main():
   args = parse()
-  keep_freed_memory()  # both loops run in this process and share the setting
+  if args.side != "both":
+    print_result(run_side_here(args))
+    return
   cfg = model_config(args)
   tokens = args.batch * args.seq
   flops = cfg.flops_per_token(args.seq) * tokens
-  dev = jax.devices()[0]
+
+  def side(name):
+    return run_side(__file__, name, forward_args(args), timeout=args.timeout)
+
+  ours = side("jax")
   peak = args.peak_tflops
   if peak is None:
-    peak = next((v for k, v in PEAK_TFLOPS.items() if k in getattr(dev, "device_kind", "")), None)
+    peak = next((v for k, v in PEAK_TFLOPS.items() if k in ours["device"]), None)
   print(
-    f"device: {dev.device_kind} x{jax.device_count()}; model: {cfg.num_params() / 1e6:.1f}M "
+    f"device: {ours['device']} x{ours['devices']}; model: {cfg.num_params() / 1e6:.1f}M "
     f"params, batch {args.batch} x {args.seq} tokens, {args.dtype}, attention {args.attention}"
   )
 
@@ -195,17 +228,16 @@ def main():
       f"{flops / dt / 1e12:.3f} TFLOP/s{mfu}"
     )
 
-  dt_jax, compile_s, loss = bench_jax(args, cfg)
-  print(f"critic_jax compile + first step {compile_s:.1f} s (loss {loss:.3f})")
-  line("critic_jax", dt_jax)
+  print(f"critic_jax compile + first step {ours['compile_s']:.1f} s (loss {ours['loss']:.3f})")
+  line("critic_jax", ours["step_s"])
   if args.torch:
-    dt_torch = bench_torch(args, cfg)
+    dt_torch = side("torch")["step_s"]
     line("pytorch", dt_torch)
     if args.dtype == "bfloat16":  # also the mixed-precision loop; the ratio is to the faster
-      dt_amp = bench_torch(args, cfg, autocast=True)
+      dt_amp = side("autocast")["step_s"]
       line("autocast", dt_amp)
       dt_torch = min(dt_torch, dt_amp)
-    print(f"ratio (critic_jax tokens/s over PyTorch tokens/s): {dt_torch / dt_jax:.2f}x")
+    print(f"ratio (critic_jax tokens/s over PyTorch tokens/s): {dt_torch / ours['step_s']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -11,12 +11,14 @@ The iterator's state (`get_state`/`set_state`) is JSON and goes into checkpoints
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import grain
 import numpy as np
 
 from critic_jax.data.tasks import Example
+
+if TYPE_CHECKING:
+  import grain  # imported where used: the model, trainers' steps and benchmarks run without it
 
 __all__ = ["tokenize_example", "pad_example", "sft_dataset", "encode_prompts"]
 
@@ -75,6 +77,8 @@ def sft_dataset(
       restart per example) instead of one padded example per row.
     num_epochs: None repeats forever.
   """
+  import grain
+
   if not examples:
     raise ValueError("sft_dataset: no examples")
   examples = list(examples)

@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
-import grain
 import numpy as np
 
 from critic_jax.data.jsonl import JsonlError, check_messages, read_jsonl, render_chat
 from critic_jax.data.pipeline import pad_example, tokenize_example
 from critic_jax.data.tasks import Example
+
+if TYPE_CHECKING:
+  import grain  # imported where used: the model, trainers' steps and benchmarks run without it
 
 __all__ = [
   "PreferenceExample",
@@ -134,6 +137,8 @@ def preference_dataset(
   drop_remainder: bool = True,
 ) -> grain.IterDataset:  # fmt: skip
   """Batches of tokenized pairs (see the module docstring); reshuffled every epoch."""
+  import grain
+
   if not examples:
     raise ValueError("preference_dataset: no examples")
   ds = grain.MapDataset.range(len(examples)).seed(seed)

@@ -1,0 +1,56 @@
+"""What the benchmark scripts share: each side of a comparison runs in its own child process.
+
+A side (our JAX code, or the PyTorch baseline) runs as `script --side NAME ...` and prints
+one `RESULT {json}` line; the parent never initialises a JAX backend or CUDA itself. On a
+GPU this keeps JAX's preallocated memory pool (75% of the device by default) and PyTorch's
+caching allocator out of each other's way, and on a CPU neither side's thread pools or
+allocator state leak into the other's timings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+__all__ = ["RESULT_PREFIX", "print_result", "run_side", "forward_args"]
+
+RESULT_PREFIX = "RESULT "
+
+
+def print_result(result: dict) -> None:
+  """Prints a side's result as the line `run_side` reads back."""
+  print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+def forward_args(args, skip: tuple[str, ...] = ("side", "timeout")) -> list[str]:
+  """An argparse namespace back as command-line flags (`--flag value`; booleans bare)."""
+  out = []
+  for k, v in vars(args).items():
+    if k in skip or v is None or v is False:
+      continue
+    flag = f"--{k.replace('_', '-')}"
+    out += [flag] if v is True else [flag, str(v)]
+  return out
+
+
+def run_side(
+  script: str, side: str, argv: list[str], *, env: dict | None = None, timeout: float = 1200.0
+) -> dict:
+  """Runs `python script --side side *argv` and returns its `RESULT` json.
+
+  Raises SystemExit naming the side, with the tail of its output, if it fails, times out
+  or prints no result.
+  """
+  cmd = [sys.executable, os.path.abspath(script), "--side", side, *argv]
+  env = dict(os.environ if env is None else env, TOKENIZERS_PARALLELISM="false")
+  try:
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+  except subprocess.TimeoutExpired as e:
+    raise SystemExit(f"the {side} side did not finish within {timeout:.0f} s") from e
+  lines = [x for x in proc.stdout.splitlines() if x.startswith(RESULT_PREFIX)]
+  if proc.returncode or not lines:
+    sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
+    raise SystemExit(f"the {side} side failed (exit {proc.returncode})")
+  return json.loads(lines[-1][len(RESULT_PREFIX) :])

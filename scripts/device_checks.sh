@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# The GPU checks of the foundation (SFT MFU) and sampler (generate ratio, roofline) issues,
+# as one prepared run for a session that is lent a device machine (one H100 or H200).
+#
+#   bash scripts/device_checks.sh --fetch     # here, once: wheels the device lacks -> .whl/
+#   # then the device tool: command "bash scripts/device_checks.sh", carry [".whl"],
+#   # timeout_s 600; results (one log per phase, and all.log) come back from $OUT.
+#   bash scripts/device_checks.sh sft         # or only some phases: sft sampler64 sampler256
+#
+# The device machine has jax (CUDA), flax, optax, orbax, transformers and torch, but not
+# ml-collections (its pure-Python wheel is carried in .whl/); critic_jax's benchmarks need
+# nothing else (grain is imported only by the data pipelines). Each phase runs under its
+# own time limit and writes its log as it goes, so a phase that overruns costs only itself.
+# Limits 210 + 170 + 190 s (9.5 min in all); estimated from the anchor figures in
+# ENVIRONMENT.md, not measured: sft ~3 min, sampler64 ~2 min, sampler256 ~2.5 min.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+py=${PYTHON:-python3}
+
+if [[ "${1:-}" == "--fetch" ]]; then
+  mkdir -p .whl
+  "$py" -m pip download --no-deps --only-binary=:all: -d .whl ml-collections
+  ls -l .whl
+  exit 0
+fi
+
+smoke=0
+if [[ "${1:-}" == "--smoke" ]]; then smoke=1; shift; fi  # tiny sizes on any machine (tests)
+out=${OUT:-device_out}
+mkdir -p "$out"
+phases=("$@")
+[[ ${#phases[@]} -eq 0 ]] && phases=(sft sampler64 sampler256)
+log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$out/all.log"; }
+
+if ! "$py" -c "import ml_collections" 2>/dev/null; then
+  log "installing ml-collections from .whl/"
+  "$py" -m pip install -q --no-index --find-links .whl ml-collections >>"$out/all.log" 2>&1 ||
+    { log "FAILED: no ml-collections wheel (run scripts/device_checks.sh --fetch here first)"; exit 1; }
+fi
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || ((smoke))
+  "$py" -c "import jax, flax, optax, torch, transformers; print('jax', jax.__version__, jax.devices(), \
+'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, \
+'transformers', transformers.__version__)"
+} >>"$out/all.log" 2>&1 || { log "FAILED: the environment check"; exit 1; }
+
+run_phase() {  # name, time limit (s), command...
+  local name=$1 limit=$2
+  shift 2
+  log "$name: $*"
+  timeout "$limit" "$@" >"$out/$name.log" 2>&1
+  local rc=$?
+  grep -E "ratio|MFU|roofline|decode|critic_jax|pytorch|autocast|transformers|FAILED|Error" \
+    "$out/$name.log" | tail -n 20 | tee -a "$out/all.log"
+  log "$name: exit $rc"
+}
+
+# The issue's shapes; --smoke shrinks them (and keeps every flag but cuDNN) to check the script.
+preset=llama_0.9b sft_shape=(--batch 8 --seq 2048) attn=cudnn
+gen=(--prompt-len 128 --new-tokens 256 --kv-chunk 64) b64=64 b256=256
+if ((smoke)); then
+  preset=tiny sft_shape=(--batch 2 --seq 32) attn=auto
+  gen=(--prompt-len 8 --new-tokens 8 --kv-chunk 4) b64=2 b256=4
+fi
+for phase in "${phases[@]}"; do
+  case $phase in
+    sft)  # issue target: >= 50% MFU (PyTorch + transformers: 36% per ENVIRONMENT.md)
+      run_phase sft 210 "$py" scripts/bench_sft.py --preset $preset "${sft_shape[@]}" \
+        --dtype bfloat16 --attention $attn --remat dots_no_batch --steps 8 --warmup 2 --torch ;;
+    sampler64)  # issue target: >= 20x generate at batch 64
+      run_phase sampler64 170 "$py" scripts/bench_sampler.py --preset $preset \
+        --dtype bfloat16 --batch $b64 "${gen[@]}" --repeats 1 ;;
+    sampler256)  # issue target: >= 50% of the memory-bandwidth roofline at batch 256
+      run_phase sampler256 190 "$py" scripts/bench_sampler.py --preset $preset \
+        --dtype bfloat16 --batch $b256 "${gen[@]}" --repeats 1 ;;
+    *) log "unknown phase $phase (known: sft sampler64 sampler256)"; exit 2 ;;
+  esac
+done
+log "done"

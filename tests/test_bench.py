@@ -1,0 +1,111 @@
+"""The benchmark scripts run end to end (tiny sizes, both sides) and report a ratio.
+
+No timing is asserted: these check that the comparison runs, each side in its own child
+process, and that its report has every line a reader (or a GPU session with minutes to
+spare) relies on.
+"""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+
+import benchlib  # noqa: E402
+
+
+def _env(**extra) -> dict:
+  """The environment a user's shell has: the machine's one CPU device, not the suite's 8."""
+  flags = [
+    f
+    for f in os.environ.get("XLA_FLAGS", "").split()
+    if not f.startswith("--xla_force_host_platform_device_count")
+  ]
+  return {**os.environ, "XLA_FLAGS": " ".join(flags), **extra}
+
+
+def _bench(name: str, *argv: str) -> str:
+  """Runs `scripts/<name>.py argv` as a user would."""
+  env = _env()
+  cmd = [sys.executable, os.path.join(ROOT, "scripts", f"{name}.py"), *argv]
+  p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+  assert p.returncode == 0, f"{name} failed ({p.returncode}):\n{p.stdout[-3000:]}{p.stderr[-3000:]}"
+  return p.stdout
+
+
+def test_bench_sft_runs_both_sides_and_reports_the_ratio():
+  out = _bench(
+    "bench_sft", "--preset", "tiny", "--batch", "2", "--seq", "16", "--steps", "1",
+    "--warmup", "1", "--dtype", "bfloat16", "--torch", "--peak_tflops", "1",
+  )  # fmt: skip
+  assert "batch 2 x 16 tokens, bfloat16" in out
+  for side in ("critic_jax", "pytorch", "autocast"):
+    line = next(x for x in out.splitlines() if x.strip().startswith(f"{side}:"))
+    assert re.search(r"ms/step, +\d+ tokens/s, [\d.]+ TFLOP/s, MFU [\d.]+%", line), line
+  ratio = re.search(r"ratio \(critic_jax tokens/s over PyTorch tokens/s\): ([\d.]+)x", out)
+  assert ratio and float(ratio.group(1)) > 0, out
+
+
+def test_bench_sampler_runs_both_sides_and_reports_the_ratio():
+  out = _bench(
+    "bench_sampler", "--preset", "tiny", "--batch", "2", "--prompt-len", "8",
+    "--new-tokens", "4", "--num-samples", "2", "--repeats", "1", "--loop", "both",
+  )  # fmt: skip
+  assert "batch 2 x 2 samples, prompt 8, 4 new tokens" in out
+  rows = [x for x in out.splitlines() if x.startswith(("| critic_jax", "| transformers"))]
+  assert len(rows) == 2 and all(len(r.split("|")) == 10 for r in rows), out
+  assert re.search(r"host loop [\d.]+ ms .* device loop [\d.]+ ms", out), out
+  assert re.search(r"ratio \(ours / transformers\): total [\d.]+x, prefill [\d.]+x", out), out
+
+
+def test_run_side_returns_the_result_and_names_a_failed_side(tmp_path):
+  script = tmp_path / "side.py"
+  scripts = os.path.join(ROOT, "scripts")
+  script.write_text(
+    f"import sys\nsys.path.insert(0, {scripts!r})\nimport benchlib\n"
+    "side, rest = sys.argv[2], sys.argv[3:]\n"
+    "if side == 'bad':\n"
+    "  print('boom', file=sys.stderr); sys.exit(3)\n"
+    "if side == 'ok':\n"
+    "  benchlib.print_result({'side': side, 'argv': rest})\n"
+  )
+  res = benchlib.run_side(str(script), "ok", ["--x", "1"])
+  assert res == {"side": "ok", "argv": ["--x", "1"]}
+  with pytest.raises(SystemExit, match="the bad side failed \\(exit 3\\)"):
+    benchlib.run_side(str(script), "bad", [])
+  with pytest.raises(SystemExit, match="the silent side failed \\(exit 0\\)"):
+    benchlib.run_side(str(script), "silent", [])
+
+
+def test_forward_args_round_trip():
+  import argparse
+
+  p = argparse.ArgumentParser()
+  p.add_argument("--preset", default="")
+  p.add_argument("--batch", type=int, default=8)
+  p.add_argument("--torch", action="store_true")
+  p.add_argument("--scan", action="store_true")
+  p.add_argument("--peak-tflops", type=float, default=None)
+  p.add_argument("--side", default="both")
+  args = p.parse_args(["--batch", "3", "--torch", "--side", "x"])
+  argv = benchlib.forward_args(args)
+  assert argv == ["--preset", "", "--batch", "3", "--torch"]
+  back = p.parse_args(argv)
+  assert (back.batch, back.torch, back.scan, back.peak_tflops) == (3, True, False, None)
+
+
+@pytest.mark.slow
+def test_device_checks_script_smoke(tmp_path):
+  """scripts/device_checks.sh end to end at tiny sizes (--smoke): every phase logs a ratio."""
+  env = _env(OUT=str(tmp_path), PYTHON=sys.executable)
+  cmd = ["bash", os.path.join(ROOT, "scripts", "device_checks.sh"), "--smoke"]
+  p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
+  assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+  log = (tmp_path / "all.log").read_text()
+  for phase in ("sft", "sampler64", "sampler256"):
+    assert f"{phase}: exit 0" in log, log
+    assert "ratio" in (tmp_path / f"{phase}.log").read_text()
