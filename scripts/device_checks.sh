@@ -7,9 +7,10 @@
 #   # timeout_s 600; results (one log per phase, and all.log) come back from $OUT.
 #   bash scripts/device_checks.sh sft         # or only some phases: sft sampler64 sampler256
 #
-# The device machine has jax (CUDA), flax, optax, orbax, transformers and torch, but not
-# ml-collections (its pure-Python wheel is carried in .whl/); critic_jax's benchmarks need
-# nothing else (grain is imported only by the data pipelines). Each phase runs under its
+# The device machine's image (Python 3.12; ../.library/device/KINDS.md) has jax (CUDA), flax,
+# optax, orbax, transformers, torch, absl-py and PyYAML, but not ml-collections (its
+# pure-Python wheel is carried in .whl/); the benchmarks need nothing else (grain is imported
+# only by the data pipelines). Each phase runs under its
 # own time limit and writes its log as it goes, so a phase that overruns costs only itself.
 # Limits 210 + 170 + 190 s (9.5 min in all); estimated from the anchor figures in
 # ENVIRONMENT.md, not measured: sft ~3 min, sampler64 ~2 min, sampler256 ~2.5 min.
@@ -18,8 +19,12 @@ cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
 
 if [[ "${1:-}" == "--fetch" ]]; then
+  # For the device image's Python 3.12 (KINDS.md); ml-collections is pure Python and its
+  # needs (absl-py, PyYAML) are on the image.
   mkdir -p .whl
-  "$py" -m pip download --no-deps --only-binary=:all: -d .whl ml-collections
+  "$py" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
+    "ml-collections==1.1.0"
   ls -l .whl
   exit 0
 fi
@@ -28,14 +33,17 @@ smoke=0
 if [[ "${1:-}" == "--smoke" ]]; then smoke=1; shift; fi  # tiny sizes on any machine (tests)
 out=${OUT:-device_out}
 mkdir -p "$out"
+export PYTHONUNBUFFERED=1  # a phase killed at its limit still leaves what it printed
 phases=("$@")
 [[ ${#phases[@]} -eq 0 ]] && phases=(sft sampler64 sampler256)
 log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$out/all.log"; }
 
 if ! "$py" -c "import ml_collections" 2>/dev/null; then
-  log "installing ml-collections from .whl/"
-  "$py" -m pip install -q --no-index --find-links .whl ml-collections >>"$out/all.log" 2>&1 ||
-    { log "FAILED: no ml-collections wheel (run scripts/device_checks.sh --fetch here first)"; exit 1; }
+  log "installing the carried wheels (.whl/) into /tmp/site"
+  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl >>"$out/all.log" 2>&1 ||
+    { log "FAILED: no wheels in .whl/ (run scripts/device_checks.sh --fetch here first)"; exit 1; }
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || ((smoke))
