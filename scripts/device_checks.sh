@@ -5,15 +5,15 @@
 #   bash scripts/device_checks.sh --fetch     # here, once: wheels the device lacks -> .whl/
 #   # then the device tool: command "bash scripts/device_checks.sh", carry [".whl"],
 #   # timeout_s 600; results (one log per phase, and all.log) come back from $OUT.
-#   bash scripts/device_checks.sh sft         # or only some phases: sft sampler64 sampler256
+#   bash scripts/device_checks.sh sft         # or some phases: gputests sft sampler64 sampler256
 #
 # The device machine's image (Python 3.12; ../.library/device/KINDS.md) has jax (CUDA), flax,
 # optax, orbax, transformers, torch, absl-py and PyYAML, but not ml-collections (its
 # pure-Python wheel is carried in .whl/); the benchmarks need nothing else (grain is imported
 # only by the data pipelines). Each phase runs under its
 # own time limit and writes its log as it goes, so a phase that overruns costs only itself.
-# Limits 240 + 160 + 180 s (9 min 40 s in all); estimated from the anchor figures in
-# ENVIRONMENT.md, not measured: sft ~3 min, sampler64 ~2 min, sampler256 ~2.5 min.
+# Limits 60 + 220 + 150 + 160 s (9 min 50 s in all); estimated from the anchor figures in
+# ENVIRONMENT.md, not measured: gputests < 1 min, sft ~3 min, sampler64 and sampler256 ~2.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
@@ -35,7 +35,7 @@ out=${OUT:-device_out}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1  # a phase killed at its limit still leaves what it printed
 phases=("$@")
-[[ ${#phases[@]} -eq 0 ]] && phases=(sft sampler64 sampler256)
+[[ ${#phases[@]} -eq 0 ]] && phases=(gputests sft sampler64 sampler256)
 log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$out/all.log"; }
 
 if ! "$py" -c "import ml_collections" 2>/dev/null; then
@@ -58,7 +58,7 @@ run_phase() {  # name, time limit (s), command...
   log "$name: $*"
   timeout "$limit" "$@" >"$out/$name.log" 2>&1
   local rc=$?
-  grep -E "ratio|MFU|roofline|decode|critic_jax|pytorch|autocast|transformers|FAILED|Error" \
+  grep -E "ratio|MFU|roofline|decode|critic_jax|pytorch|autocast|transformers|passed|failed|skipped|FAILED|Error" \
     "$out/$name.log" | tail -n 20 | tee -a "$out/all.log"
   log "$name: exit $rc"
 }
@@ -72,16 +72,18 @@ if ((smoke)); then
 fi
 for phase in "${phases[@]}"; do
   case $phase in
+    gputests)  # cuDNN attention against XLA's on the real kernel (skipped off GPUs)
+      run_phase gputests 60 "$py" -m pytest -q -p no:cacheprovider tests/test_gpu.py ;;
     sft)  # issue target: >= 50% MFU (PyTorch + transformers: 36% per ENVIRONMENT.md)
-      run_phase sft 240 "$py" scripts/bench_sft.py --preset $preset "${sft_shape[@]}" \
+      run_phase sft 220 "$py" scripts/bench_sft.py --preset $preset "${sft_shape[@]}" \
         --dtype bfloat16 --attention $attn --remat dots_no_batch --steps 8 --warmup 2 --torch ;;
     sampler64)  # issue target: >= 20x generate at batch 64
-      run_phase sampler64 160 "$py" scripts/bench_sampler.py --preset $preset \
+      run_phase sampler64 150 "$py" scripts/bench_sampler.py --preset $preset \
         --dtype bfloat16 --batch $b64 "${gen[@]}" --repeats 1 ;;
     sampler256)  # issue target: >= 50% of the memory-bandwidth roofline at batch 256
-      run_phase sampler256 180 "$py" scripts/bench_sampler.py --preset $preset \
+      run_phase sampler256 160 "$py" scripts/bench_sampler.py --preset $preset \
         --dtype bfloat16 --batch $b256 "${gen[@]}" --repeats 1 ;;
-    *) log "unknown phase $phase (known: sft sampler64 sampler256)"; exit 2 ;;
+    *) log "unknown phase $phase (known: gputests sft sampler64 sampler256)"; exit 2 ;;
   esac
 done
 log "done"
