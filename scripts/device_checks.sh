@@ -58,6 +58,7 @@ run_phase() {  # name, time limit (s), command...
   log "$name: $*"
   timeout "$limit" "$@" >"$out/$name.log" 2>&1
   local rc=$?
+  ((rc == 0)) || failed+=("$name")
   grep -E "ratio|MFU|roofline|decode|critic_jax|pytorch|autocast|transformers|passed|failed|skipped|FAILED|Error" \
     "$out/$name.log" | tail -n 20 | tee -a "$out/all.log"
   log "$name: exit $rc"
@@ -70,6 +71,7 @@ if ((smoke)); then
   preset=tiny sft_shape=(--batch 2 --seq 32) attn=auto
   gen=(--prompt-len 8 --new-tokens 8 --kv-chunk 4) b64=2 b256=4
 fi
+failed=()
 for phase in "${phases[@]}"; do
   case $phase in
     gputests)  # cuDNN attention against XLA's on the real kernel (skipped off GPUs)
@@ -86,4 +88,5 @@ for phase in "${phases[@]}"; do
     *) log "unknown phase $phase (known: gputests sft sampler64 sampler256)"; exit 2 ;;
   esac
 done
+if ((${#failed[@]})); then log "done; failed: ${failed[*]}"; exit 1; fi
 log "done"

@@ -19,7 +19,7 @@ import benchlib  # noqa: E402
 
 
 def _env(**extra) -> dict:
-  """The environment a user's shell has: the machine's one CPU device, not the suite's 8."""
+  """The machine's one CPU device, not the suite's 8 (the suite's cheap code generation stays)."""
   flags = [
     f
     for f in os.environ.get("XLA_FLAGS", "").split()
