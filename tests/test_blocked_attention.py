@@ -78,6 +78,55 @@ def test_blocked_attention_at_training_size_with_a_broadcast_cotangent(block):
   _assert_same(got, want, atol=2e-4)
 
 
+@pytest.mark.parametrize("block", [16, 64], ids=["four_blocks_last_short", "one_block"])
+def test_blocked_attention_without_a_mask_is_causal_attention(block):
+  """mask=None: the causal mask alone, built from iotas inside the kernel, gives
+  `jax.nn`'s causal attention and gradients (GQA, T not a multiple of the block)."""
+  q, k, v, rs = _inputs(3, 50, 4, 2, 8, seed=2)
+  cot = jnp.asarray(rs.standard_normal(q.shape), jnp.float32)
+  want = _value_and_grads(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True),
+                          q, k, v, cot)  # fmt: skip
+  got = _value_and_grads(lambda q, k, v: blocked_attention(q, k, v, None, block=block),
+                         q, k, v, cot)  # fmt: skip
+  _assert_same(got, want, atol=2e-5)
+
+
+def test_unpacked_rows_take_the_causal_path_and_keep_real_tokens_exact():
+  """`packed=False` (one right-padded sequence per row) runs the blocked kernel without
+  a mask: logits at real tokens and the gradient of a loss over them equal the
+  explicit segment mask's (`packed=True`). On packed rows the causal path lets a
+  segment attend the one before it, so it must differ there."""
+  cfg = ModelConfig.preset("tiny", vocab_size=64, d_model=32, num_heads=4, num_kv_heads=2,
+                           head_dim=8, mlp_dim=64, attention_block=4)  # fmt: skip
+  rs = np.random.RandomState(3)
+  tokens = jnp.asarray(rs.randint(0, 64, (4, 14)), jnp.int32)
+  real = np.arange(14)[None] < np.array([14, 9, 5, 1])[:, None]
+  seg = jnp.asarray(real.astype(np.int32))
+  model = Transformer(cfg)
+  assert cfg.resolved_attention_impl == "blocked"
+  params = nn.unbox(model.init(jax.random.key(0), tokens)["params"])
+
+  def run(packed, seg):
+    def loss(p):
+      logits = model.apply({"params": p}, tokens, segment_ids=seg, packed=packed).logits
+      return jnp.sum(jnp.where(seg[..., None] > 0, logits, 0.0) ** 2), logits
+
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+
+  (lw, want), gw = run(True, seg)
+  (lg, got), gg = run(False, seg)
+  np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=1e-5)
+  np.testing.assert_allclose(lg, lw, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(gg), jax.tree.leaves(gw), strict=True):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+  # Two segments per row: the segment mask keeps them apart, the causal path does not.
+  two = jnp.asarray(np.where(np.arange(14)[None] < 6, 1, 2).repeat(4, 0), jnp.int32)
+  (_, sep), _ = run(True, two)
+  (_, mixed), _ = run(False, two)
+  np.testing.assert_allclose(np.asarray(mixed)[:, :6], np.asarray(sep)[:, :6], atol=1e-5)
+  assert np.abs(np.asarray(mixed)[:, 6:] - np.asarray(sep)[:, 6:]).max() > 1e-2
+
+
 def test_blocked_attention_model_matches_xla_model():
   """A Transformer with attention_impl="blocked" gives the "xla" model's logits and
   parameter gradients (packed rows, GQA, 3 query blocks)."""

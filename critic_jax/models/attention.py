@@ -213,7 +213,8 @@ class Attention(nn.Module):
     Args:
       x: `[B, T, D]`.
       mask: `[B, 1, T, T]` self-attention mask, or None for plain causal attention
-        over right-padded rows of `lengths [B]` real tokens (the cuDNN path).
+        over rows holding one right-padded sequence each (`lengths [B]` real tokens
+        for cuDNN; "blocked" needs no lengths: see `blocked_attention`).
       rope: (cos, sin) tables `[B, T, H]` or None.
       context: None, or a sequence of cached (keys, values) segments.
       context_masks: one `[Bm, T|1, S]` bool mask per context segment.
@@ -269,13 +270,13 @@ class Attention(nn.Module):
       if write_at is None:
         triples.append((k_new, v_new, mask[:, 0]))
       out = attend(q, triples)
+    elif self.implementation == "blocked":  # mask None: the causal mask alone
+      out = blocked_attention(q, k, v, mask, block=self.block)
     elif mask is None:
       out = jax.nn.dot_product_attention(
         q, k, v, is_causal=True, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
         implementation=self.implementation,
       )  # fmt: skip
-    elif self.implementation == "blocked":
-      out = blocked_attention(q, k, v, mask, block=self.block)
     else:
       out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.implementation)
     out = constrain(out, ("act_batch", "act_length", "act_heads", "act_head_dim"))

@@ -15,11 +15,18 @@ for a causal mask, computed differently:
   intermediate as autodiff of the plain formulation does.
 * **Batched matmuls with the batch axes leading**: queries as `[B, K, R, T, H]`
   (K kv heads, R = N / K query heads per kv head), keys/values as `[B, K, S, H]`.
+* **Few passes over the [Tb, E] logits**: the causal mask comes from iotas (no
+  memory read), the caller's mask is optional (rows with one right-padded sequence
+  need none), the scale is applied inside the exp, the forward normalises the
+  `[Tb, H]` output instead of the weights, and the backward scales dq and dk after
+  their matmuls.
 
 Measured on the 2-core CPU (8 x 256 tokens, 8 heads / 4 kv heads, head dim 32,
-forward + backward of one layer): 34 ms with blocks of 64 against 55 ms for
-`jax.nn.dot_product_attention` (XLA). Scores and softmax are float32; the
-matmul operands keep the input dtype.
+forward + backward of one layer, alternating runs in one process, 30 each): 18.1 ms
+(min; median 23.3-23.8) with or without a mask, against 21.4 (26.9) before the last
+point and 53.7 (61.5) for `jax.nn.dot_product_attention` (XLA); PyTorch's CPU flash
+attention takes about 12.5 ms there. Scores and softmax are float32; the matmul
+operands keep the input dtype.
 """
 
 from __future__ import annotations
@@ -51,10 +58,23 @@ def _blocks(t: int, block: int) -> list[tuple[int, int]]:
   return [(a, min(a + block, t)) for a in range(0, t, block)]
 
 
-def _scores(qb, km, mask_b, scale):
-  """Masked float32 logits `[B, K, R, Tb, E]` of one query block over keys [0, E)."""
+def _mask_block(mask, a, e):
+  """The caller's mask for queries [a, e) over keys [0, e) (`[B|1, Tb, E]`), or None."""
+  return None if mask is None else mask[:, 0, a:e, :e]
+
+
+def _scores(qb, km, a, mask_b):
+  """Unscaled float32 logits `[B, K, R, Tb, E]` of queries [a, a + Tb) over keys [0, E).
+
+  Logits of keys after their query (the causal mask, from iotas: it needs no memory)
+  and those `mask_b` (`[B|1, Tb, E]` or None) rejects are set to a large negative.
+  """
   s = jnp.einsum("bkrth,bksh->bkrts", qb, km, preferred_element_type=jnp.float32)
-  return jnp.where(mask_b[:, :, None], s * jnp.float32(scale), jnp.float32(_BIG_NEG))
+  tb, e = s.shape[-2:]
+  keep = jnp.arange(e)[None, :] <= a + jnp.arange(tb)[:, None]
+  if mask_b is not None:
+    keep = keep & mask_b[:, None, None]
+  return jnp.where(keep, s, jnp.float32(_BIG_NEG))
 
 
 def _check(q, k, v, mask):
@@ -64,7 +84,7 @@ def _check(q, k, v, mask):
                      f"k {k.shape}, v {v.shape}")  # fmt: skip
   if n % k.shape[2]:
     raise ValueError(f"{n} query heads are not a multiple of {k.shape[2]} kv heads")
-  if mask.shape != (mask.shape[0], 1, t, t) or mask.shape[0] not in (1, b):
+  if mask is not None and (mask.shape != (mask.shape[0], 1, t, t) or mask.shape[0] not in (1, b)):
     raise ValueError(f"mask must be [B or 1, 1, T, T] with T={t}, got {mask.shape}")
 
 
@@ -78,15 +98,15 @@ def _forward(q, k, v, mask, scale, block):
   km, vm = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, K, S, H]
   outs, lses = [], []
   for a, e in _blocks(q.shape[1], block):
-    s = _scores(qs[:, :, :, a:e], km[:, :, :e], mask[:, :, a:e, :e], scale)
+    s = _scores(qs[:, :, :, a:e], km[:, :, :e], a, _mask_block(mask, a, e))
     top = jnp.max(s, axis=-1, keepdims=True)
-    w = jnp.exp(s - top)
+    w = jnp.exp((s - top) * jnp.float32(scale))  # softmax(scale * s), unnormalised
     total = jnp.sum(w, axis=-1, keepdims=True)
-    p = (w / total).astype(v.dtype)
-    outs.append(
-      jnp.einsum("bkrts,bksh->bkrth", p, vm[:, :, :e], preferred_element_type=jnp.float32)
-    )
-    lses.append(top + jnp.log(total))
+    # Normalising the [Tb, H] output instead of the [Tb, E] weights saves a pass over them.
+    o = jnp.einsum("bkrts,bksh->bkrth", w.astype(v.dtype), vm[:, :, :e],
+                   preferred_element_type=jnp.float32)  # fmt: skip
+    outs.append(o / total)
+    lses.append(top * jnp.float32(scale) + jnp.log(total))
   out = _merge_heads(jnp.concatenate(outs, axis=3)).astype(q.dtype)
   return out, (q, k, v, mask, tuple(lses))
 
@@ -99,8 +119,8 @@ def _backward(scale, block, res, d_out):
   dos = _split_heads(d_out, kh)
   dqs, dk, dv = [], jnp.zeros(km.shape, jnp.float32), jnp.zeros(vm.shape, jnp.float32)
   for (a, e), lse in zip(_blocks(q.shape[1], block), lses, strict=True):
-    s = _scores(qs[:, :, :, a:e], km[:, :, :e], mask[:, :, a:e, :e], scale)
-    p = jnp.exp(s - lse)  # masked logits give exactly 0
+    s = _scores(qs[:, :, :, a:e], km[:, :, :e], a, _mask_block(mask, a, e))
+    p = jnp.exp(s * jnp.float32(scale) - lse)  # masked logits give exactly 0
     do_b = dos[:, :, :, a:e]
     dv_b = jnp.einsum("bkrts,bkrth->bksh", p.astype(do_b.dtype), do_b,
                       preferred_element_type=jnp.float32)  # fmt: skip
@@ -109,13 +129,12 @@ def _backward(scale, block, res, d_out):
     # flash-attention paper uses; that form, a reduction of dO against O, was
     # miscompiled by XLA:CPU's YNNPACK fusion at T = 256 in one block).
     corr = jnp.sum(p * dp, axis=-1, keepdims=True)
-    ds = (p * (dp - corr) * jnp.float32(scale)).astype(q.dtype)
-    dqs.append(
-      jnp.einsum("bkrts,bksh->bkrth", ds, km[:, :, :e], preferred_element_type=jnp.float32)
-    )
+    ds = (p * (dp - corr)).astype(q.dtype)  # dL/d(logits) / scale
+    dq_b = jnp.einsum("bkrts,bksh->bkrth", ds, km[:, :, :e], preferred_element_type=jnp.float32)
+    dqs.append(dq_b * jnp.float32(scale))
     dk_b = jnp.einsum("bkrts,bkrth->bksh", ds, qs[:, :, :, a:e], preferred_element_type=jnp.float32)
     pad = ((0, 0), (0, 0), (0, s_len - e), (0, 0))
-    dk, dv = dk + jnp.pad(dk_b, pad), dv + jnp.pad(dv_b, pad)
+    dk, dv = dk + jnp.pad(dk_b * jnp.float32(scale), pad), dv + jnp.pad(dv_b, pad)
   dq = _merge_heads(jnp.concatenate(dqs, axis=3)).astype(q.dtype)
   return dq, jnp.swapaxes(dk, 1, 2).astype(k.dtype), jnp.swapaxes(dv, 1, 2).astype(v.dtype), None
 
@@ -127,7 +146,7 @@ def blocked_attention(
   q: jax.Array,
   k: jax.Array,
   v: jax.Array,
-  mask: jax.Array,
+  mask: jax.Array | None = None,
   *,
   block: int = DEFAULT_BLOCK,
   scale: float | None = None,
@@ -137,9 +156,13 @@ def blocked_attention(
   Args:
     q: `[B, T, N, H]` queries; head n uses kv head n // (N / K).
     k, v: `[B, T, K, H]` keys and values of the same T tokens.
-    mask: `[B or 1, 1, T, T]` bool, query t may attend key s. It must be causal
-      (never admit s > t), as every mask from `causal_mask` is: keys after a
-      block's last query are not read.
+    mask: `[B or 1, 1, T, T]` bool, query t may attend key s, AND-ed with the causal
+      mask; it must itself be causal (never admit s > t), as every mask from
+      `causal_mask` is: keys after a block's last query are not read. None: the
+      causal mask alone (no mask is read from memory), which is exact for the real
+      tokens of rows holding one right-padded sequence each (a real query never
+      reaches the padding after it); padded queries then attend the tokens before
+      them, and their outputs are the caller's to ignore.
     block: queries per block (static).
     scale: logit scale (default 1/sqrt(H)).
   Returns:
@@ -147,4 +170,5 @@ def blocked_attention(
   """
   _check(q, k, v, mask)
   scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-  return _attention(q, k, v, mask.astype(bool), scale, int(block))
+  mask = None if mask is None else mask.astype(bool)
+  return _attention(q, k, v, mask, scale, int(block))

@@ -210,8 +210,10 @@ class Transformer(nn.Module):
     packed: whether a row may hold several segments (static; default True). False
       promises that every row is one segment followed by padding (ids 1..1 0..0), which
       lets `attention_impl="cudnn"` use cuDNN's causal + padding masks (sequence
-      lengths) instead of an explicit mask; with True (or any `attn_mask`) cuDNN gets
-      the explicit segment mask, so packed rows never attend across segments.
+      lengths) and "blocked" its causal mask alone instead of an explicit mask (outputs
+      at padded positions then differ; those at real tokens do not); with True (or any
+      `attn_mask`) both get the explicit segment mask, so packed rows never attend
+      across segments.
     attn_mask: optional `[B, T, T]` bool AND-ed into the causal mask (training only).
     cache: optional `KVCache`; new keys/values are written at slots
       `cache_index[b] + t` and attention spans the cache slots before them.
@@ -365,16 +367,20 @@ class Transformer(nn.Module):
     else:
       if positions is None:
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+      impl = cfg.resolved_attention_impl
       fast = (
-        cfg.resolved_attention_impl == "cudnn"
+        impl in ("cudnn", "blocked")
         and not packed
         and attn_mask is None
         and cfg.sliding_window is None
       )
       if fast:
         # One right-padded segment per row (the caller's promise): cuDNN's causal + padding
-        # masks. Sequence lengths cannot express several segments per row.
-        mask, lengths = None, jnp.sum(segment_ids != 0, axis=1).astype(jnp.int32)
+        # masks (sequence lengths cannot express several segments per row), or the
+        # blocked kernel's causal mask alone, from iotas (exact for every real token).
+        mask = None
+        if impl == "cudnn":
+          lengths = jnp.sum(segment_ids != 0, axis=1).astype(jnp.int32)
       else:
         mask = causal_mask(segment_ids, positions, cfg.sliding_window, attn_mask)
 
