@@ -63,8 +63,10 @@ def _forward_loss(model: Transformer, loss_fn, params, batch, packed: bool):
     {"params": params}, batch["tokens"], positions=batch["positions"],
     segment_ids=batch["segment_ids"], packed=packed, heads=("lm",),
   )  # fmt: skip
-  targets, mask = sft_targets(batch)
-  return loss_fn(logits=out.logits[:, :-1], targets=targets, mask=mask)
+  # The loss reads all T positions (the last one masked) rather than logits[:, :-1]:
+  # slicing [B, T, V] logits copies them, and its gradient pads them back.
+  targets, mask = (jnp.pad(x, ((0, 0), (0, 1))) for x in sft_targets(batch))
+  return loss_fn(logits=out.logits, targets=targets, mask=mask)
 
 
 def make_train_step(
