@@ -89,7 +89,15 @@ def parse_args(argv=None):
   )
   p.add_argument("--side", default="both", choices=("both", "ours", "hf"))
   p.add_argument("--timeout", type=float, default=1200.0, help="per side, seconds")
-  return p.parse_args(argv)
+  p.add_argument(
+    "--rounds", type=int, default=1,
+    help="run the sides alternately this many times (each in a fresh process) and report "
+    "every round and the median ratio: on a noisy machine one round can mislead",
+  )  # fmt: skip
+  args = p.parse_args(argv)
+  if args.rounds < 1:
+    p.error(f"--rounds must be >= 1, got {args.rounds}")
+  return args
 
 
 def model_config(args, platform: str = "cpu"):
@@ -309,8 +317,9 @@ def main(argv=None):
     print_result(res)
     return
   cfg = model_config(args)
-  ours = child(args, "ours")
-  hf = child(args, "hf")
+  # Alternate the sides round by round, so that a slow spell of the machine hits both.
+  rounds = [(child(args, "ours"), child(args, "hf")) for _ in range(args.rounds)]
+  ours, hf = rounds[0]
   ro, rh = rates(ours, args), rates(hf, args)
   print(
     f"model: {args.preset or 'cpu-default'} {cfg.num_layers}L d{cfg.d_model} "
@@ -328,19 +337,29 @@ def main(argv=None):
           "tok per CPU-s", "peak GiB"]  # fmt: skip
   print("| " + " | ".join(head) + " |")
   print("|" + "---|" * len(head))
-  for name, r in (("critic_jax", ro), ("transformers", rh)):
-    print(
-      f"| {name} | {r['prefill_ms']:.1f} | {r['prefill_tok_s']:,.0f} | {r['step_ms']:.2f} | "
-      f"{r['decode_tok_s']:,.0f} | {r['total_tok_s']:,.0f} | {r['cpu_tok_s']:,.0f} | "
-      f"{r['peak_gib']:.2f} |"
-    )
+  totals = []
+  for i, (o, h) in enumerate(rounds):
+    tag = f" (round {i + 1})" if args.rounds > 1 else ""
+    for name, r in (("critic_jax", rates(o, args)), ("transformers", rates(h, args))):
+      print(
+        f"| {name}{tag} | {r['prefill_ms']:.1f} | {r['prefill_tok_s']:,.0f} | "
+        f"{r['step_ms']:.2f} | {r['decode_tok_s']:,.0f} | {r['total_tok_s']:,.0f} | "
+        f"{r['cpu_tok_s']:,.0f} | {r['peak_gib']:.2f} |"
+      )
+    totals.append(rates(o, args)["total_tok_s"] / rates(h, args)["total_tok_s"])
   print(f"peak memory: {ours['peak_kind']} / {hf['peak_kind']}")
   print(
     f"ratio (ours / transformers): total {ro['total_tok_s'] / rh['total_tok_s']:.1f}x, "
     f"prefill {ro['prefill_tok_s'] / rh['prefill_tok_s']:.1f}x, "
     f"decode {ro['decode_tok_s'] / rh['decode_tok_s']:.1f}x; per CPU-second "
-    f"{ro['cpu_tok_s'] / rh['cpu_tok_s']:.1f}x"
+    f"{ro['cpu_tok_s'] / rh['cpu_tok_s']:.1f}x" + (" (round 1)" if args.rounds > 1 else "")
   )
+  if args.rounds > 1:
+    each = ", ".join(f"{t:.1f}x" for t in totals)
+    print(
+      f"total ratio over {args.rounds} rounds: median {statistics.median(totals):.1f}x, "
+      f"range {min(totals):.1f}-{max(totals):.1f}x ({each})"
+    )
   print(f"threads: {'1 (single-threaded ops)' if args.threads == 1 else 'framework default'}")
   if ours["platform"] == "gpu":
     needed, read = kv_bytes_per_step(cfg, args, ours["itemsize"])

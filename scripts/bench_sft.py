@@ -71,7 +71,15 @@ def parse(argv=None):
     help="both: run each side in its own child process (the default); else run that one here",
   )  # fmt: skip
   p.add_argument("--timeout", type=float, default=1800.0, help="per side, seconds")
-  return p.parse_args(argv)
+  p.add_argument(
+    "--rounds", type=int, default=1,
+    help="run the sides alternately this many times (each in a fresh process) and report "
+    "every round's ratio and their median: on a noisy machine one round can mislead",
+  )  # fmt: skip
+  args = p.parse_args(argv)
+  if args.rounds < 1:
+    p.error(f"--rounds must be >= 1, got {args.rounds}")
+  return args
 
 
 def model_config(args) -> ModelConfig:
@@ -212,7 +220,11 @@ def main():
   def side(name):
     return run_side(__file__, name, forward_args(args), timeout=args.timeout)
 
-  ours = side("jax")
+  # Alternate the sides round by round, so that a slow spell of the machine hits both.
+  names = ["jax"] + (["torch"] if args.torch else [])
+  names += ["autocast"] if args.torch and args.dtype == "bfloat16" else []
+  rounds = [{n: side(n) for n in names} for _ in range(args.rounds)]
+  ours = rounds[0]["jax"]
   peak = args.peak_tflops
   if peak is None:
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in ours["device"]), None)
@@ -228,16 +240,28 @@ def main():
       f"{flops / dt / 1e12:.3f} TFLOP/s{mfu}"
     )
 
-  print(f"critic_jax compile + first step {ours['compile_s']:.1f} s (loss {ours['loss']:.3f})")
-  line("critic_jax", ours["step_s"])
-  if args.torch:
-    dt_torch = side("torch")["step_s"]
-    line("pytorch", dt_torch)
-    if args.dtype == "bfloat16":  # also the mixed-precision loop; the ratio is to the faster
-      dt_amp = side("autocast")["step_s"]
-      line("autocast", dt_amp)
-      dt_torch = min(dt_torch, dt_amp)
-    print(f"ratio (critic_jax tokens/s over PyTorch tokens/s): {dt_torch / ours['step_s']:.2f}x")
+  labels = {"jax": "critic_jax", "torch": "pytorch", "autocast": "autocast"}
+  ratios = []
+  for i, r in enumerate(rounds):
+    if args.rounds > 1:
+      print(f"round {i + 1} of {args.rounds}:")
+    j = r["jax"]
+    print(f"critic_jax compile + first step {j['compile_s']:.1f} s (loss {j['loss']:.3f})")
+    for n in names:
+      line(labels[n], r[n]["step_s"])
+    if args.torch:  # bfloat16: the ratio is to the faster PyTorch loop
+      ratios.append(min(r[n]["step_s"] for n in names[1:]) / r["jax"]["step_s"])
+      print(f"ratio (critic_jax tokens/s over PyTorch tokens/s): {ratios[-1]:.2f}x")
+  if args.rounds > 1:
+    med = {n: statistics.median(r[n]["step_s"] for r in rounds) for n in names}
+    print(f"median of {args.rounds} rounds:")
+    for n in names:
+      line(labels[n], med[n])
+    if ratios:
+      print(
+        f"ratio over {args.rounds} rounds: median {statistics.median(ratios):.2f}x, "
+        f"range {min(ratios):.2f}-{max(ratios):.2f}x"
+      )
 
 
 if __name__ == "__main__":

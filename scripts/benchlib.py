@@ -24,8 +24,11 @@ def print_result(result: dict) -> None:
   print(RESULT_PREFIX + json.dumps(result), flush=True)
 
 
-def forward_args(args, skip: tuple[str, ...] = ("side", "timeout")) -> list[str]:
-  """An argparse namespace back as command-line flags (`--flag value`; booleans bare)."""
+def forward_args(args, skip: tuple[str, ...] = ("side", "timeout", "rounds")) -> list[str]:
+  """An argparse namespace back as command-line flags (`--flag value`; booleans bare).
+
+  `skip` names the parent's own flags, which its sides do not get.
+  """
   out = []
   for k, v in vars(args).items():
     if k in skip or v is None or v is False:

@@ -62,6 +62,32 @@ def test_bench_sampler_runs_both_sides_and_reports_the_ratio():
   assert re.search(r"ratio \(ours / transformers\): total [\d.]+x, prefill [\d.]+x", out), out
 
 
+def test_bench_rounds_alternate_the_sides_and_report_every_ratio():
+  """--rounds 2: both benchmarks run each side twice, alternately, and report each
+  round's ratio, their median and their range (here only that they parse and agree)."""
+  out = _bench(
+    "bench_sft", "--preset", "tiny", "--batch", "2", "--seq", "16", "--steps", "1",
+    "--warmup", "1", "--torch", "--rounds", "2",
+  )  # fmt: skip
+  assert "round 1 of 2:" in out and "round 2 of 2:" in out and "median of 2 rounds:" in out
+  each = [float(x) for x in re.findall(r"tokens/s\): ([\d.]+)x", out)]
+  summary = re.search(r"ratio over 2 rounds: median ([\d.]+)x, range ([\d.]+)-([\d.]+)x", out)
+  assert len(each) == 2 and summary, out
+  lo, hi = float(summary.group(2)), float(summary.group(3))
+  assert (lo, hi) == (min(each), max(each)), out
+  assert abs(float(summary.group(1)) - sum(each) / 2) <= 0.006, out
+  out = _bench(
+    "bench_sampler", "--preset", "tiny", "--batch", "2", "--prompt-len", "8",
+    "--new-tokens", "4", "--repeats", "1", "--rounds", "2",
+  )  # fmt: skip
+  rows = [x for x in out.splitlines() if x.startswith(("| critic_jax", "| transformers"))]
+  assert [r.split("|")[1].strip() for r in rows] == [
+    "critic_jax (round 1)", "transformers (round 1)", "critic_jax (round 2)",
+    "transformers (round 2)",
+  ], out  # fmt: skip
+  assert re.search(r"total ratio over 2 rounds: median [\d.]+x, range [\d.]+-[\d.]+x \(", out)
+
+
 def test_run_side_returns_the_result_and_names_a_failed_side(tmp_path):
   script = tmp_path / "side.py"
   scripts = os.path.join(ROOT, "scripts")
@@ -91,7 +117,8 @@ def test_forward_args_round_trip():
   p.add_argument("--scan", action="store_true")
   p.add_argument("--peak-tflops", type=float, default=None)
   p.add_argument("--side", default="both")
-  args = p.parse_args(["--batch", "3", "--torch", "--side", "x"])
+  p.add_argument("--rounds", type=int, default=1)
+  args = p.parse_args(["--batch", "3", "--torch", "--side", "x", "--rounds", "2"])
   argv = benchlib.forward_args(args)
   assert argv == ["--preset", "", "--batch", "3", "--torch"]
   back = p.parse_args(argv)
