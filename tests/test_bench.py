@@ -38,53 +38,43 @@ def _bench(name: str, *argv: str) -> str:
 
 
 def test_bench_sft_runs_both_sides_and_reports_the_ratio():
+  """Two alternating rounds (--rounds 2) of the three bfloat16 sides: every round's lines
+  and ratio, then the per-side medians and the median and range of the rounds' ratios."""
   out = _bench(
     "bench_sft", "--preset", "tiny", "--batch", "2", "--seq", "16", "--steps", "1",
-    "--warmup", "1", "--dtype", "bfloat16", "--torch", "--peak_tflops", "1",
+    "--warmup", "1", "--dtype", "bfloat16", "--torch", "--peak_tflops", "1", "--rounds", "2",
   )  # fmt: skip
   assert "batch 2 x 16 tokens, bfloat16" in out
+  assert "round 1 of 2:" in out and "round 2 of 2:" in out and "median of 2 rounds:" in out
   for side in ("critic_jax", "pytorch", "autocast"):
-    line = next(x for x in out.splitlines() if x.strip().startswith(f"{side}:"))
-    assert re.search(r"ms/step, +\d+ tokens/s, [\d.]+ TFLOP/s, MFU [\d.]+%", line), line
-  ratio = re.search(r"ratio \(critic_jax tokens/s over PyTorch tokens/s\): ([\d.]+)x", out)
-  assert ratio and float(ratio.group(1)) > 0, out
+    lines = [x for x in out.splitlines() if x.strip().startswith(f"{side}:")]
+    assert len(lines) == 3, out  # two rounds and the median
+    for line in lines:
+      assert re.search(r"ms/step, +\d+ tokens/s, [\d.]+ TFLOP/s, MFU [\d.]+%", line), line
+  pattern = r"ratio \(critic_jax tokens/s over PyTorch tokens/s\): ([\d.]+)x"
+  each = [float(x) for x in re.findall(pattern, out)]
+  summary = re.search(r"ratio over 2 rounds: median ([\d.]+)x, range ([\d.]+)-([\d.]+)x", out)
+  assert len(each) == 2 and all(r > 0 for r in each) and summary, out
+  assert (float(summary.group(2)), float(summary.group(3))) == (min(each), max(each)), out
+  assert abs(float(summary.group(1)) - sum(each) / 2) <= 0.006, out
 
 
 def test_bench_sampler_runs_both_sides_and_reports_the_ratio():
+  """Two alternating rounds: a table row per side and round, and the rounds' ratios."""
   out = _bench(
     "bench_sampler", "--preset", "tiny", "--batch", "2", "--prompt-len", "8",
     "--new-tokens", "4", "--num-samples", "2", "--repeats", "1", "--loop", "both",
+    "--rounds", "2",
   )  # fmt: skip
   assert "batch 2 x 2 samples, prompt 8, 4 new tokens" in out
-  rows = [x for x in out.splitlines() if x.startswith(("| critic_jax", "| transformers"))]
-  assert len(rows) == 2 and all(len(r.split("|")) == 10 for r in rows), out
-  assert re.search(r"host loop [\d.]+ ms .* device loop [\d.]+ ms", out), out
-  assert re.search(r"ratio \(ours / transformers\): total [\d.]+x, prefill [\d.]+x", out), out
-
-
-def test_bench_rounds_alternate_the_sides_and_report_every_ratio():
-  """--rounds 2: both benchmarks run each side twice, alternately, and report each
-  round's ratio, their median and their range (here only that they parse and agree)."""
-  out = _bench(
-    "bench_sft", "--preset", "tiny", "--batch", "2", "--seq", "16", "--steps", "1",
-    "--warmup", "1", "--torch", "--rounds", "2",
-  )  # fmt: skip
-  assert "round 1 of 2:" in out and "round 2 of 2:" in out and "median of 2 rounds:" in out
-  each = [float(x) for x in re.findall(r"tokens/s\): ([\d.]+)x", out)]
-  summary = re.search(r"ratio over 2 rounds: median ([\d.]+)x, range ([\d.]+)-([\d.]+)x", out)
-  assert len(each) == 2 and summary, out
-  lo, hi = float(summary.group(2)), float(summary.group(3))
-  assert (lo, hi) == (min(each), max(each)), out
-  assert abs(float(summary.group(1)) - sum(each) / 2) <= 0.006, out
-  out = _bench(
-    "bench_sampler", "--preset", "tiny", "--batch", "2", "--prompt-len", "8",
-    "--new-tokens", "4", "--repeats", "1", "--rounds", "2",
-  )  # fmt: skip
   rows = [x for x in out.splitlines() if x.startswith(("| critic_jax", "| transformers"))]
   assert [r.split("|")[1].strip() for r in rows] == [
     "critic_jax (round 1)", "transformers (round 1)", "critic_jax (round 2)",
     "transformers (round 2)",
   ], out  # fmt: skip
+  assert all(len(r.split("|")) == 10 for r in rows), out
+  assert re.search(r"host loop [\d.]+ ms .* device loop [\d.]+ ms", out), out
+  assert re.search(r"ratio \(ours / transformers\): total [\d.]+x, prefill [\d.]+x", out), out
   assert re.search(r"total ratio over 2 rounds: median [\d.]+x, range [\d.]+-[\d.]+x \(", out)
 
 

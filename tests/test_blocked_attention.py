@@ -106,12 +106,17 @@ def test_unpacked_rows_take_the_causal_path_and_keep_real_tokens_exact():
   assert cfg.resolved_attention_impl == "blocked"
   params = nn.unbox(model.init(jax.random.key(0), tokens)["params"])
 
-  def run(packed, seg):
-    def loss(p):
+  def grad_fn(packed):  # one compilation per path, reused for both segment layouts
+    def loss(p, seg):
       logits = model.apply({"params": p}, tokens, segment_ids=seg, packed=packed).logits
       return jnp.sum(jnp.where(seg[..., None] > 0, logits, 0.0) ** 2), logits
 
-    return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))
+
+  fns = {True: grad_fn(True), False: grad_fn(False)}
+
+  def run(packed, seg):
+    return fns[packed](params, seg)
 
   (lw, want), gw = run(True, seg)
   (lg, got), gg = run(False, seg)
