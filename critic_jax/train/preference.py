@@ -95,9 +95,13 @@ def response_logps(model: Transformer, params, rows: dict[str, jax.Array], attn_
   )  # fmt: skip
   seg = rows["segment_ids"]
   mask = rows["loss_mask"][:, 1:] & (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] != 0)
-  logits = out.logits[:, :-1]
-  lp = token_logprobs(logits, rows["tokens"][:, 1:])
-  return jnp.sum(jnp.where(mask, lp, 0.0), -1), jnp.sum(mask, -1), logits, mask
+  # Log-probs over all T positions (the last one masked) rather than of logits[:, :-1]:
+  # that slice copies the [N, T, V] logits (and pads their gradient); it is only
+  # materialised for a caller that uses the returned logits (e.g. `token_kl`).
+  pad = ((0, 0), (0, 1))
+  lp = token_logprobs(out.logits, jnp.pad(rows["tokens"][:, 1:], pad))
+  logps = jnp.sum(jnp.where(jnp.pad(mask, pad), lp, 0.0), -1)
+  return logps, jnp.sum(mask, -1), out.logits[:, :-1], mask
 
 
 def _both_sides(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
