@@ -179,9 +179,11 @@ def make_coh_step(model: Transformer, tx, schedule, fcm_min: float, fcm_max: flo
         {"params": params}, batch["tokens"], positions=batch["positions"],
         segment_ids=batch["segment_ids"], attn_mask=keep, heads=("lm",),
       )  # fmt: skip
+      # All T positions, the last one masked (no [B, T, V] slice copy; see response_logps).
+      pad = ((0, 0), (0, 1))
       loss, m = loss_fn(
-        logits=out.logits[:, :-1], targets=batch["tokens"][:, 1:],
-        loss_mask=batch["loss_mask"][:, 1:],
+        logits=out.logits, targets=jnp.pad(batch["tokens"][:, 1:], pad),
+        loss_mask=jnp.pad(batch["loss_mask"][:, 1:], pad),
       )  # fmt: skip
       return loss, scalars(m)
 
