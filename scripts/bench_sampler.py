@@ -44,7 +44,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchlib import forward_args, print_result, run_side  # noqa: E402
+from benchlib import add_rounds_flag, forward_args, print_result, run_side  # noqa: E402
 
 # The CPU default: a small Llama shape where neither side is dominated by start-up.
 CPU_DEFAULT = dict(
@@ -89,15 +89,8 @@ def parse_args(argv=None):
   )
   p.add_argument("--side", default="both", choices=("both", "ours", "hf"))
   p.add_argument("--timeout", type=float, default=1200.0, help="per side, seconds")
-  p.add_argument(
-    "--rounds", type=int, default=1,
-    help="run the sides alternately this many times (each in a fresh process) and report "
-    "every round and the median ratio: on a noisy machine one round can mislead",
-  )  # fmt: skip
-  args = p.parse_args(argv)
-  if args.rounds < 1:
-    p.error(f"--rounds must be >= 1, got {args.rounds}")
-  return args
+  add_rounds_flag(p)
+  return p.parse_args(argv)
 
 
 def model_config(args, platform: str = "cpu"):

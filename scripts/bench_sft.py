@@ -30,7 +30,7 @@ import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from benchlib import forward_args, print_result, run_side  # noqa: E402
+from benchlib import add_rounds_flag, forward_args, print_result, run_side  # noqa: E402
 
 from critic_jax.hostmem import keep_freed_memory  # noqa: E402
 from critic_jax.models import ModelConfig, Transformer  # noqa: E402
@@ -71,15 +71,8 @@ def parse(argv=None):
     help="both: run each side in its own child process (the default); else run that one here",
   )  # fmt: skip
   p.add_argument("--timeout", type=float, default=1800.0, help="per side, seconds")
-  p.add_argument(
-    "--rounds", type=int, default=1,
-    help="run the sides alternately this many times (each in a fresh process) and report "
-    "every round's ratio and their median: on a noisy machine one round can mislead",
-  )  # fmt: skip
-  args = p.parse_args(argv)
-  if args.rounds < 1:
-    p.error(f"--rounds must be >= 1, got {args.rounds}")
-  return args
+  add_rounds_flag(p)
+  return p.parse_args(argv)
 
 
 def model_config(args) -> ModelConfig:

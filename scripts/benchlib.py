@@ -9,14 +9,31 @@ allocator state leak into the other's timings.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
 import sys
 
-__all__ = ["RESULT_PREFIX", "print_result", "run_side", "forward_args"]
+__all__ = ["RESULT_PREFIX", "add_rounds_flag", "print_result", "run_side", "forward_args"]
 
 RESULT_PREFIX = "RESULT "
+
+
+def _positive_int(text: str) -> int:
+  n = int(text)
+  if n < 1:
+    raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+  return n
+
+
+def add_rounds_flag(p: argparse.ArgumentParser) -> None:
+  """`--rounds N`: the parent runs the sides alternately N times (see the scripts' reports)."""
+  p.add_argument(
+    "--rounds", type=_positive_int, default=1,
+    help="run the sides alternately this many times (each in a fresh process) and report "
+    "every round's ratio and their median: on a noisy machine one round can mislead",
+  )  # fmt: skip
 
 
 def print_result(result: dict) -> None:

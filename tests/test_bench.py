@@ -107,12 +107,15 @@ def test_forward_args_round_trip():
   p.add_argument("--scan", action="store_true")
   p.add_argument("--peak-tflops", type=float, default=None)
   p.add_argument("--side", default="both")
-  p.add_argument("--rounds", type=int, default=1)
+  benchlib.add_rounds_flag(p)
   args = p.parse_args(["--batch", "3", "--torch", "--side", "x", "--rounds", "2"])
   argv = benchlib.forward_args(args)
   assert argv == ["--preset", "", "--batch", "3", "--torch"]
   back = p.parse_args(argv)
   assert (back.batch, back.torch, back.scan, back.peak_tflops) == (3, True, False, None)
+  assert (args.rounds, back.rounds) == (2, 1)  # the parent's flag stays in the parent
+  with pytest.raises(SystemExit):
+    p.parse_args(["--rounds", "0"])
 
 
 @pytest.mark.slow
