@@ -312,8 +312,8 @@ def main(argv=None):
   cfg = model_config(args)
   # Alternate the sides round by round, so that a slow spell of the machine hits both.
   rounds = [(child(args, "ours"), child(args, "hf")) for _ in range(args.rounds)]
-  ours, hf = rounds[0]
-  ro, rh = rates(ours, args), rates(hf, args)
+  rated = [(rates(o, args), rates(h, args)) for o, h in rounds]
+  (ours, hf), (ro, rh) = rounds[0], rated[0]
   print(
     f"model: {args.preset or 'cpu-default'} {cfg.num_layers}L d{cfg.d_model} "
     f"{cfg.num_heads}h/{cfg.num_kv_heads}kv V{cfg.vocab_size}, {ours['params'] / 1e6:.1f}M params, "
@@ -330,16 +330,14 @@ def main(argv=None):
           "tok per CPU-s", "peak GiB"]  # fmt: skip
   print("| " + " | ".join(head) + " |")
   print("|" + "---|" * len(head))
-  totals = []
-  for i, (o, h) in enumerate(rounds):
+  for i, (o, h) in enumerate(rated):
     tag = f" (round {i + 1})" if args.rounds > 1 else ""
-    for name, r in (("critic_jax", rates(o, args)), ("transformers", rates(h, args))):
+    for name, r in (("critic_jax", o), ("transformers", h)):
       print(
         f"| {name}{tag} | {r['prefill_ms']:.1f} | {r['prefill_tok_s']:,.0f} | "
         f"{r['step_ms']:.2f} | {r['decode_tok_s']:,.0f} | {r['total_tok_s']:,.0f} | "
         f"{r['cpu_tok_s']:,.0f} | {r['peak_gib']:.2f} |"
       )
-    totals.append(rates(o, args)["total_tok_s"] / rates(h, args)["total_tok_s"])
   print(f"peak memory: {ours['peak_kind']} / {hf['peak_kind']}")
   print(
     f"ratio (ours / transformers): total {ro['total_tok_s'] / rh['total_tok_s']:.1f}x, "
@@ -348,6 +346,7 @@ def main(argv=None):
     f"{ro['cpu_tok_s'] / rh['cpu_tok_s']:.1f}x" + (" (round 1)" if args.rounds > 1 else "")
   )
   if args.rounds > 1:
+    totals = [o["total_tok_s"] / h["total_tok_s"] for o, h in rated]
     each = ", ".join(f"{t:.1f}x" for t in totals)
     print(
       f"total ratio over {args.rounds} rounds: median {statistics.median(totals):.1f}x, "

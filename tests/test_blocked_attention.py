@@ -1,5 +1,7 @@
 """`attention_impl="blocked"`: outputs and gradients equal `jax.nn.dot_product_attention`."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -113,21 +115,17 @@ def test_unpacked_rows_take_the_causal_path_and_keep_real_tokens_exact():
 
     return jax.jit(jax.value_and_grad(loss, has_aux=True))
 
-  fns = {True: grad_fn(True), False: grad_fn(False)}
-
-  def run(packed, seg):
-    return fns[packed](params, seg)
-
-  (lw, want), gw = run(True, seg)
-  (lg, got), gg = run(False, seg)
+  run = {packed: functools.partial(grad_fn(packed), params) for packed in (True, False)}
+  (lw, want), gw = run[True](seg)
+  (lg, got), gg = run[False](seg)
   np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=1e-5)
   np.testing.assert_allclose(lg, lw, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(gg), jax.tree.leaves(gw), strict=True):
     np.testing.assert_allclose(a, b, atol=1e-5)
   # Two segments per row: the segment mask keeps them apart, the causal path does not.
   two = jnp.asarray(np.where(np.arange(14)[None] < 6, 1, 2).repeat(4, 0), jnp.int32)
-  (_, sep), _ = run(True, two)
-  (_, mixed), _ = run(False, two)
+  (_, sep), _ = run[True](two)
+  (_, mixed), _ = run[False](two)
   np.testing.assert_allclose(np.asarray(mixed)[:, :6], np.asarray(sep)[:, :6], atol=1e-5)
   assert np.abs(np.asarray(mixed)[:, 6:] - np.asarray(sep)[:, 6:]).max() > 1e-2
 

@@ -13,13 +13,13 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from critic_jax.losses import next_token_loss
-from critic_jax.losses.common import first_argmax
+from critic_jax.losses import LOSSES, next_token_loss
+from critic_jax.losses.common import align_to_logits, first_argmax
 from critic_jax.models import ModelConfig, Transformer
 from critic_jax.parallel import DEFAULT_RULES, make_mesh
 from critic_jax.train import get_trainer
 from critic_jax.train.optim import make_optimizer
-from critic_jax.train.sft import make_train_step, sft_targets
+from critic_jax.train.sft import _forward_loss, make_train_step, sft_targets
 from critic_jax.train.state import init_train_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,6 +62,40 @@ def test_loss_counts_only_response_tokens():
   )
   loss2, _ = next_token_loss(logits=noisy[:, :-1], targets=targets, mask=mask)
   np.testing.assert_allclose(loss2, loss, rtol=1e-6)
+
+
+def test_trainer_loss_over_all_logits_equals_the_sliced_loss():
+  """The trainers' loss reads all T logits with the last position masked
+  (`align_to_logits`); it must equal `next_token_loss` over `logits[:, :-1]` (loss,
+  token count, NLL sum, accuracy) and have the same gradient, which is zero at the
+  last position."""
+  batch = _batch()
+  logits = jax.random.normal(jax.random.key(1), batch["tokens"].shape + (64,))
+  targets, mask = sft_targets(batch)
+
+  def sliced(lg):
+    return next_token_loss(logits=lg[:, :-1], targets=targets, mask=mask)
+
+  def full(lg):
+    return next_token_loss(logits=lg, targets=align_to_logits(targets), mask=align_to_logits(mask))
+
+  (ls, ms), gs = jax.value_and_grad(sliced, has_aux=True)(logits)
+  (lf, mf), gf = jax.value_and_grad(full, has_aux=True)(logits)
+  np.testing.assert_allclose(lf, ls, rtol=1e-6)
+  for k in ("num_tokens", "nll_sum", "token_accuracy"):
+    np.testing.assert_allclose(mf[k], ms[k], rtol=1e-6, err_msg=k)
+  np.testing.assert_allclose(gf, gs, atol=1e-7)
+  assert not np.any(np.asarray(gf)[:, -1])
+  # The trainer's own forward (`_forward_loss`) is this form over a model's logits.
+  cfg = ModelConfig.preset("tiny", vocab_size=64)
+  model = Transformer(cfg)
+  params = nn.unbox(model.init(jax.random.key(0), batch["tokens"])["params"])
+  got, gm = _forward_loss(model, LOSSES.get("sft"), params, batch, packed=True)
+  out = model.apply({"params": params}, batch["tokens"], positions=batch["positions"],
+                    segment_ids=batch["segment_ids"]).logits  # fmt: skip
+  want, wm = sliced(out)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  np.testing.assert_allclose(gm["num_tokens"], wm["num_tokens"])
 
 
 def test_token_accuracy_argmax_keeps_the_first_of_tied_maxima():

@@ -14,6 +14,7 @@ __all__ = [
   "AGG_MODES",
   "agg_loss",
   "first_argmax",
+  "align_to_logits",
   "masked_mean",
   "masked_sum",
   "masked_var",
@@ -102,3 +103,15 @@ def first_argmax(x: jax.Array) -> jax.Array:
   idx = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
   hit = x == jnp.max(x, axis=-1, keepdims=True)
   return jnp.min(jnp.where(hit, idx, x.shape[-1]), axis=-1).astype(jnp.int32)
+
+
+def align_to_logits(x: jax.Array) -> jax.Array:
+  """`[B, T-1]` next-token targets or mask (`tokens[:, 1:]`) -> `[B, T]`, with a zero/False
+  last column, aligned with all T positions' logits.
+
+  A loss over `[B, T, V]` logits with the last position masked equals the loss over
+  `logits[:, :-1]`, without the slice: it copies the logits forward, and its gradient pads
+  them back (8 x 256 x 2048 float32 on a 2-core CPU: LM head + loss forward and backward
+  69.9 -> 60.4 ms).
+  """
+  return jnp.pad(x, ((0, 0), (0, 1)))

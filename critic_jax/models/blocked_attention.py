@@ -23,10 +23,10 @@ for a causal mask, computed differently:
 
 Measured on the 2-core CPU (8 x 256 tokens, 8 heads / 4 kv heads, head dim 32,
 forward + backward of one layer, alternating runs in one process, 30 each): 18.1 ms
-(min; median 23.3-23.8) with or without a mask, against 21.4 (26.9) before the last
-point and 53.7 (61.5) for `jax.nn.dot_product_attention` (XLA); PyTorch's CPU flash
-attention takes about 12.5 ms there. Scores and softmax are float32; the matmul
-operands keep the input dtype.
+(min; median 23.3-23.8) with or without a mask, against 21.4 (26.9) without the
+fewer-passes changes above and 53.7 (61.5) for `jax.nn.dot_product_attention` (XLA);
+PyTorch's CPU flash attention takes about 12.5 ms there. Scores and softmax are float32;
+the matmul operands keep the input dtype.
 """
 
 from __future__ import annotations

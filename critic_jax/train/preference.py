@@ -44,6 +44,7 @@ from critic_jax.data.preference import (
 )
 from critic_jax.data.task_pairs import task_pairs
 from critic_jax.losses import LOSSES, build_coh_example, forgetful_causal_mask, token_logprobs
+from critic_jax.losses.common import align_to_logits
 from critic_jax.models import Transformer
 from critic_jax.parallel import batch_sharding, to_host
 from critic_jax.train.checkpoint import Checkpointer
@@ -95,12 +96,10 @@ def response_logps(model: Transformer, params, rows: dict[str, jax.Array], attn_
   )  # fmt: skip
   seg = rows["segment_ids"]
   mask = rows["loss_mask"][:, 1:] & (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] != 0)
-  # Log-probs over all T positions (the last one masked) rather than of logits[:, :-1]:
-  # that slice copies the [N, T, V] logits (and pads their gradient); it is only
-  # materialised for a caller that uses the returned logits (e.g. `token_kl`).
-  pad = ((0, 0), (0, 1))
-  lp = token_logprobs(out.logits, jnp.pad(rows["tokens"][:, 1:], pad))
-  logps = jnp.sum(jnp.where(jnp.pad(mask, pad), lp, 0.0), -1)
+  # Log-probs over all T logits (see `align_to_logits`); the returned logits[:, :-1] is
+  # only materialised for a caller that uses it (e.g. `token_kl`).
+  lp = token_logprobs(out.logits, align_to_logits(rows["tokens"][:, 1:]))
+  logps = jnp.sum(jnp.where(align_to_logits(mask), lp, 0.0), -1)
   return logps, jnp.sum(mask, -1), out.logits[:, :-1], mask
 
 
@@ -179,11 +178,9 @@ def make_coh_step(model: Transformer, tx, schedule, fcm_min: float, fcm_max: flo
         {"params": params}, batch["tokens"], positions=batch["positions"],
         segment_ids=batch["segment_ids"], attn_mask=keep, heads=("lm",),
       )  # fmt: skip
-      # All T positions, the last one masked (no [B, T, V] slice copy; see response_logps).
-      pad = ((0, 0), (0, 1))
       loss, m = loss_fn(
-        logits=out.logits, targets=jnp.pad(batch["tokens"][:, 1:], pad),
-        loss_mask=jnp.pad(batch["loss_mask"][:, 1:], pad),
+        logits=out.logits, targets=align_to_logits(batch["tokens"][:, 1:]),
+        loss_mask=align_to_logits(batch["loss_mask"][:, 1:]),
       )  # fmt: skip
       return loss, scalars(m)
 

@@ -24,6 +24,7 @@ import optax
 from critic_jax.data import Example, make_task, make_tokenizer, sft_dataset
 from critic_jax.data.jsonl import load_sft_jsonl
 from critic_jax.losses import LOSSES
+from critic_jax.losses.common import align_to_logits
 from critic_jax.models import Transformer
 from critic_jax.parallel import batch_sharding, to_host
 from critic_jax.train.checkpoint import Checkpointer
@@ -63,9 +64,7 @@ def _forward_loss(model: Transformer, loss_fn, params, batch, packed: bool):
     {"params": params}, batch["tokens"], positions=batch["positions"],
     segment_ids=batch["segment_ids"], packed=packed, heads=("lm",),
   )  # fmt: skip
-  # The loss reads all T positions (the last one masked) rather than logits[:, :-1]:
-  # slicing [B, T, V] logits copies them, and its gradient pads them back.
-  targets, mask = (jnp.pad(x, ((0, 0), (0, 1))) for x in sft_targets(batch))
+  targets, mask = (align_to_logits(x) for x in sft_targets(batch))  # all T logits, no slice
   return loss_fn(logits=out.logits, targets=targets, mask=mask)
 
 
@@ -77,8 +76,8 @@ def make_train_step(
 
   The loss is the token mean over the whole batch, so accumulation gives the same
   update as one big batch: micro-batch m contributes grad(mean_m) * n_m / n. `packed`
-  (static): rows may hold several segments (`Transformer`'s argument; False lets the
-  cuDNN attention use sequence lengths, for unpacked data only).
+  (static): rows may hold several segments (`Transformer`'s argument; False, for unpacked
+  data only, lets cuDNN use sequence lengths and the blocked CPU kernel no mask at all).
   """
   loss_fn = LOSSES.get(loss_name)
 
