@@ -23,13 +23,19 @@ import jax  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 # One persistent XLA compilation cache per test session: tests that build the same model and
-# step (a run and its resumed rerun, configs sharing a tiny model) compile it once.
+# step (a run and its resumed rerun, configs sharing a tiny model) compile it once. Under
+# pytest-xdist (`-n 2` in scripts/test.sh) the workers inherit the controller's environment and
+# so share its cache; the process that made the directory removes it at exit (the controller
+# outlives its workers).
 import atexit  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
-_XLA_CACHE = tempfile.mkdtemp(prefix="critic_jax_test_xla_cache_")
-atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+_XLA_CACHE = os.environ.get("_CRITIC_JAX_TEST_XLA_CACHE")
+if _XLA_CACHE is None:
+  _XLA_CACHE = tempfile.mkdtemp(prefix="critic_jax_test_xla_cache_")
+  os.environ["_CRITIC_JAX_TEST_XLA_CACHE"] = _XLA_CACHE
+  atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
 jax.config.update("jax_compilation_cache_dir", _XLA_CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
