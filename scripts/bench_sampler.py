@@ -35,6 +35,7 @@ bf16, >= 20x at batch 64 and >= 50% of the roofline at batch 256.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import resource
 import statistics
@@ -71,6 +72,12 @@ def parse_args(argv=None):
     default="auto",
     choices=("auto", "host", "device", "both"),
     help="our decode loop (auto: device loop on a CPU, host loop on a GPU)",
+  )
+  p.add_argument(
+    "--fused",
+    default="on",
+    choices=("on", "off", "both"),
+    help="decode with fused q/k/v and gate/up matmuls (GenerationConfig.fused_projections)",
   )
   p.add_argument(
     "--attention-impl",
@@ -161,9 +168,15 @@ def run_ours(args) -> dict:
   loops = ("host", "device") if args.loop == "both" else (args.loop,)
   if args.loop == "auto":
     loops = ("device",) if jax.devices()[0].platform == "cpu" else ("host",)
+  fused_opts = {"on": (True,), "off": (False,), "both": (True, False)}[args.fused]
+  variants = [
+    (loop + ("" if len(fused_opts) == 1 else f" {'fused' if f else 'unfused'}"), loop, f)
+    for loop in loops
+    for f in fused_opts
+  ]
   results = {}
-  for loop in loops:
-    sampler = Sampler(model, gen, loop=loop)
+  for name, loop, fused in variants:
+    sampler = Sampler(model, dataclasses.replace(gen, fused_projections=fused), loop=loop)
     t0 = time.perf_counter()
     sampler.generate(params, tokens, lengths, jax.random.key(1), num_samples=args.num_samples)
     compile_s = time.perf_counter() - t0
@@ -182,17 +195,18 @@ def run_ours(args) -> dict:
     if loop == "device":
       # The device loop is one executable: time the prefill piece on its own.
       init = sampler._init_fn(args.num_samples)
+      dparams = sampler.decode_params(params)  # what generate() hands the compiled pieces
       put = jnp.asarray
       ids = put(np.arange(args.batch, dtype=np.int32))
       for r in range(args.repeats + 1):
         t0 = time.perf_counter()
-        st = init(params, put(tokens), put(lengths), ids, jax.random.key(9))
+        st = init(dparams, put(tokens), put(lengths), ids, jax.random.key(9))
         jax.block_until_ready(st)
         if r:
           prefill.append(time.perf_counter() - t0)
         del st
     res["prefill_s"] = statistics.median(prefill)
-    results[loop] = res
+    results[name] = res
   best = min(results, key=lambda k: results[k]["total_s"])
   dev = jax.devices()[0]
   stats = dev.memory_stats() if dev.platform == "gpu" else None

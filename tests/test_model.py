@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from critic_jax.models import KVCache, ModelConfig, Transformer, layers
+from critic_jax.models import KVCache, ModelConfig, Transformer, fuse_projections, layers
 from critic_jax.models.layers import rope_cos_sin, rope_inv_freq
 
 FAMILIES = ["tiny", "tiny_gpt2", "tiny_qwen3"]
@@ -164,6 +164,48 @@ def test_scan_and_remat_match_unrolled():
   g_ref = jax.grad(lambda p: loss(model, p))(params)["layer_1"]["mlp"]["up"]["kernel"]
   g_scan = jax.grad(lambda p: loss(scan_model, p))(stacked)["layers"]["mlp"]["up"]["kernel"][1]
   np.testing.assert_allclose(g_scan, g_ref, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+  "preset,overrides",
+  [("tiny", dict(num_kv_heads=2)), ("tiny_gpt2", {}), ("tiny_qwen3", dict(scan_layers=True))],
+)
+def test_fused_projections_give_the_same_model(preset, overrides):
+  """The decode layout (one qkv and one gate_up kernel per block) computes the same model
+  from `fuse_projections(params)`; its params have the fused model's own shapes."""
+  cfg = ModelConfig.preset(preset, **overrides)
+  tok = _tokens(v=cfg.vocab_size)
+  model, params = _init(cfg, tok)
+  fused_model = Transformer(cfg, fused_projections=True)
+  fused = fuse_projections(params, cfg)
+
+  def shapes(tree):
+    return {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+  want = jax.eval_shape(lambda: nn.unbox(fused_model.init(jax.random.key(0), tok))["params"])
+  assert shapes(fused) == shapes(want)
+  assert shapes(fuse_projections(fused, cfg)) == shapes(want)  # idempotent
+  np.testing.assert_allclose(
+    fused_model.apply({"params": fused}, tok).logits,
+    model.apply({"params": params}, tok).logits,
+    atol=2e-6,
+  )
+  # The layout by hand: [D, K, R + 2, H] holds query head k * R + r at [:, k, r], then kv
+  # head k's key and value; gate_up [D, 2, F] holds gate then up.
+  layer = "layers" if cfg.scan_layers else "layer_0"
+  attn, r = params[layer]["attn"], cfg.num_heads // cfg.num_kv_heads
+  qkv = fused[layer]["attn"]["qkv"]["kernel"]
+  for k in range(cfg.num_kv_heads):
+    np.testing.assert_array_equal(qkv[..., k, r, :], attn["k"]["kernel"][..., k, :])
+    np.testing.assert_array_equal(qkv[..., k, r + 1, :], attn["v"]["kernel"][..., k, :])
+    for j in range(r):
+      np.testing.assert_array_equal(qkv[..., k, j, :], attn["q"]["kernel"][..., k * r + j, :])
+  if cfg.mlp == "swiglu":
+    gate_up = fused[layer]["mlp"]["gate_up"]["kernel"]
+    np.testing.assert_array_equal(gate_up[..., 0, :], params[layer]["mlp"]["gate"]["kernel"])
+    np.testing.assert_array_equal(gate_up[..., 1, :], params[layer]["mlp"]["up"]["kernel"])
+  else:
+    assert "up" in fused[layer]["mlp"] and "gate_up" not in fused[layer]["mlp"]
 
 
 def test_grouped_query_attention_equals_repeated_kv_heads():

@@ -329,11 +329,15 @@ def test_logprobs_equal_teacher_forced(tiny, prompts, forward, sampler):
   assert (out.tokens[0::2] != out.tokens[1::2]).any(axis=1).all()
 
 
-def test_logprobs_equal_teacher_forced_at_temperature_one(tiny, prompts, forward):
+@pytest.mark.parametrize("fused", [True, False])
+def test_logprobs_equal_teacher_forced_at_temperature_one(tiny, prompts, forward, fused):
   """Temperature 1 without filters samples from the policy itself: the sampler reuses
-  the processed log-prob as the policy log-prob, which must still equal the trainer's."""
+  the processed log-prob as the policy log-prob, which must still equal the trainer's,
+  with the decode model's fused projections (the default) and without them."""
   params = tiny[1]
-  s = Sampler(tiny[0], _gen(sampling=SamplingConfig("temperature"), vocab_limit=None))
+  gen = _gen(sampling=SamplingConfig("temperature"), vocab_limit=None, fused_projections=fused)
+  s = Sampler(tiny[0], gen)
+  assert ("qkv" in s.decode_params(params)["layer_0"]["attn"]) == fused
   out = s.generate(params, *prompts, jax.random.key(5), num_samples=2)
   ref_lp, _ = _teacher_forced(forward, params, prompts, out)
   np.testing.assert_allclose(out.logprobs, ref_lp, atol=1e-5)
@@ -443,6 +447,7 @@ def test_group_samples_share_one_prefill(tiny, prompts, sampler):
   g = 3
   ids = jnp.arange(8, dtype=jnp.int32)
   pad = np.zeros((8, 16), np.int32)
+  params = sampler.decode_params(params)
   state = jax.eval_shape(
     sampler._init_fn(g), params, jnp.asarray(pad), jnp.ones((8,), jnp.int32), ids,
     jax.random.key(0),
@@ -489,10 +494,16 @@ def test_sharded_equals_single_device(tiny, prompts, sampler):
   np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-5)
   np.testing.assert_allclose(out.processed_logprobs, ref.processed_logprobs, atol=1e-5)
   # The caches really are split: rows over the batch axes, kv heads over "tensor".
+  # The fused decode kernels keep training's split: kv heads (and the MLP) over "tensor".
+  fused = on_mesh.decode_params(sharded)
+  qkv = fused["layer_0"]["attn"]["qkv"]["kernel"]
+  assert qkv.sharding.is_equivalent_to(NamedSharding(mesh, P("fsdp", "tensor", None, None)), 4)
+  gate_up = fused["layer_0"]["mlp"]["gate_up"]["kernel"]
+  assert gate_up.sharding.is_equivalent_to(NamedSharding(mesh, P("fsdp", None, "tensor")), 3)
   with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
     b, p = 8, 64
     state = on_mesh._init_fn(2)(
-      sharded, on_mesh._put(np.full((b, p), 5, np.int32)), on_mesh._put(np.full((b,), 3, np.int32)),
+      fused, on_mesh._put(np.full((b, p), 5, np.int32)), on_mesh._put(np.full((b,), 3, np.int32)),
       on_mesh._put(np.arange(b, dtype=np.int32)), jax.random.key(0),
     )  # fmt: skip
   want = NamedSharding(mesh, P(("data", "fsdp"), "tensor", None, None))

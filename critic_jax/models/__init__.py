@@ -1,7 +1,13 @@
 """Flax model code: the decoder trunk, its heads, and model configs."""
 
 from critic_jax.models.config import HEADS, MODEL_PRESETS, ModelConfig
-from critic_jax.models.transformer import KVCache, ModelOutput, Transformer, last_token_index
+from critic_jax.models.transformer import (
+  KVCache,
+  ModelOutput,
+  Transformer,
+  fuse_projections,
+  last_token_index,
+)
 
 __all__ = [
   "HEADS",
@@ -10,5 +16,6 @@ __all__ = [
   "ModelConfig",
   "ModelOutput",
   "Transformer",
+  "fuse_projections",
   "last_token_index",
 ]

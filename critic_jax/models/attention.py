@@ -187,6 +187,11 @@ class Attention(nn.Module):
   Shapes: x `[B, T, D]`; q `[B, T, N, H]`; mask `[B, 1, T, T]` bool over the new
   tokens; context segments keys `[Bk, K, H, S]`, values `[Bk, K, S, H]`, masks
   `[Bm, T|1, S]` (see `attend`).
+
+  `fused_qkv` computes q, k and v with one matmul against a `qkv` kernel `[D, K, R + 2, H]`
+  (R = N / K query heads per kv head, then that kv head's key and value) instead of the
+  separate `q [D, N, H]`, `k`, `v [D, K, H]` kernels; `fuse_projections` converts the params.
+  Same math; the decode model uses it (fewer, larger matmuls per token).
   """
 
   num_heads: int
@@ -203,6 +208,7 @@ class Attention(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   grad: str = "autodiff"
+  fused_qkv: bool = False
 
   @nn.compact
   def __call__(
@@ -229,15 +235,21 @@ class Attention(nn.Module):
       and values `[B, K, T, H]` for the caller to cache.
     """
 
-    def proj(heads, name, axes):
+    def proj(shape, name, axes):
       return Linear(
-        (heads, self.head_dim), ("embed",) + axes, use_bias=self.qkv_bias, std=self.init_std,
+        shape, ("embed",) + axes, use_bias=self.qkv_bias, std=self.init_std,
         dtype=self.dtype, param_dtype=self.param_dtype, grad=self.grad, name=name,
       )(x)  # fmt: skip
 
-    q = proj(self.num_heads, "q", ("heads", "head_dim"))
-    k = proj(self.num_kv_heads, "k", ("kv_heads", "head_dim"))
-    v = proj(self.num_kv_heads, "v", ("kv_heads", "head_dim"))
+    if self.fused_qkv:  # one matmul; kernel [D, K, R + 2, H] (see `fuse_projections`)
+      r = self.num_heads // self.num_kv_heads
+      qkv = proj((self.num_kv_heads, r + 2, self.head_dim), "qkv", ("kv_heads", None, "head_dim"))
+      q = qkv[..., :r, :].reshape(qkv.shape[:-3] + (self.num_heads, self.head_dim))
+      k, v = qkv[..., r, :], qkv[..., r + 1, :]
+    else:
+      q = proj((self.num_heads, self.head_dim), "q", ("heads", "head_dim"))
+      k = proj((self.num_kv_heads, self.head_dim), "k", ("kv_heads", "head_dim"))
+      v = proj((self.num_kv_heads, self.head_dim), "v", ("kv_heads", "head_dim"))
     if self.qk_norm:
       norm = dict(kind="rms", eps=self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
       q = Norm(**norm, axis_name="head_dim", name="q_norm")(q)

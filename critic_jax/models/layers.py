@@ -285,7 +285,11 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 class Mlp(nn.Module):
-  """SwiGLU (`down(silu(gate(x)) * up(x))`) or GELU (`down(gelu_tanh(up(x)))`) MLP."""
+  """SwiGLU (`down(silu(gate(x)) * up(x))`) or GELU (`down(gelu_tanh(up(x)))`) MLP.
+
+  `fused` (SwiGLU) computes gate and up with one matmul against a `gate_up` kernel
+  `[D, 2, F]` (`fuse_projections` converts the params); same math.
+  """
 
   kind: str
   mlp_dim: int
@@ -295,22 +299,27 @@ class Mlp(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   grad: str = "autodiff"
+  fused: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     d = x.shape[-1]
 
-    def dense(features, name, axes, std):
+    def dense(shape, name, axes, std):
       return Linear(
-        (features,), axes, use_bias=self.use_bias, std=std, dtype=self.dtype,
+        shape, axes, use_bias=self.use_bias, std=std, dtype=self.dtype,
         param_dtype=self.param_dtype, grad=self.grad, name=name,
       )  # fmt: skip
 
-    if self.kind == "swiglu":
-      gate = dense(self.mlp_dim, "gate", ("embed", "mlp"), self.init_std)(x)
-      up = dense(self.mlp_dim, "up", ("embed", "mlp"), self.init_std)(x)
+    if self.kind == "swiglu" and self.fused:
+      gate_up = dense((2, self.mlp_dim), "gate_up", ("embed", None, "mlp"), self.init_std)(x)
+      h = nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :]
+    elif self.kind == "swiglu":
+      gate = dense((self.mlp_dim,), "gate", ("embed", "mlp"), self.init_std)(x)
+      up = dense((self.mlp_dim,), "up", ("embed", "mlp"), self.init_std)(x)
       h = nn.silu(gate) * up
     else:
-      h = nn.gelu(dense(self.mlp_dim, "up", ("embed", "mlp"), self.init_std)(x), approximate=True)
+      up = dense((self.mlp_dim,), "up", ("embed", "mlp"), self.init_std)(x)
+      h = nn.gelu(up, approximate=True)
     h = constrain(h, ("act_batch", "act_length", "act_mlp"))
-    return dense(d, "down", ("mlp", "embed"), self.out_init_std)(h)
+    return dense((d,), "down", ("mlp", "embed"), self.out_init_std)(h)

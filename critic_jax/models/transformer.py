@@ -27,7 +27,14 @@ from critic_jax.models.attention import (
 from critic_jax.models.config import ModelConfig
 from critic_jax.models.layers import Linear, Mlp, Norm, constrain, rope_cos_sin, rope_inv_freq
 
-__all__ = ["Transformer", "ModelOutput", "KVCache", "DecodeContext", "last_token_index"]
+__all__ = [
+  "Transformer",
+  "ModelOutput",
+  "KVCache",
+  "DecodeContext",
+  "fuse_projections",
+  "last_token_index",
+]
 
 _STACKED_K_AXES = (None,) + CACHE_AXES
 _STACKED_V_AXES = (None,) + VALUE_CACHE_AXES
@@ -138,9 +145,13 @@ def last_token_index(segment_ids: jax.Array) -> jax.Array:
 
 
 class Block(nn.Module):
-  """Pre-norm residual block: x + attn(norm(x)); x + mlp(norm(x))."""
+  """Pre-norm residual block: x + attn(norm(x)); x + mlp(norm(x)).
+
+  `fused`: q/k/v and SwiGLU gate/up as one matmul each (see `fuse_projections`).
+  """
 
   config: ModelConfig
+  fused: bool = False
 
   @nn.compact
   def __call__(self, x, context, context_masks, rope, mask, lengths, write_at):
@@ -153,7 +164,7 @@ class Block(nn.Module):
       qkv_bias=cfg.qkv_bias, out_bias=cfg.out_bias, qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps,
       init_std=cfg.init_std, out_init_std=out_std, implementation=cfg.resolved_attention_impl,
       block=cfg.attention_block, dtype=dt, param_dtype=pdt, grad=cfg.resolved_matmul_grad,
-      name="attn",
+      fused_qkv=self.fused, name="attn",
     )(
       Norm(**norm, name="attn_norm")(x), mask=mask, rope=rope, context=context,
       context_masks=context_masks, lengths=lengths, write_at=write_at,
@@ -162,7 +173,7 @@ class Block(nn.Module):
     h = Mlp(
       kind=cfg.mlp, mlp_dim=cfg.mlp_dim, use_bias=cfg.out_bias, init_std=cfg.init_std,
       out_init_std=out_std, dtype=dt, param_dtype=pdt, grad=cfg.resolved_matmul_grad,
-      name="mlp",
+      fused=self.fused, name="mlp",
     )(Norm(**norm, name="mlp_norm")(x))  # fmt: skip
     x = constrain(x + h, ("act_batch", "act_length", "act_embed"))
     return x, kv
@@ -224,9 +235,15 @@ class Transformer(nn.Module):
       returns the updated context in `ModelOutput.context`.
     return_kv: also return this call's keys/values in `ModelOutput.kv` (prefill).
     heads: which heads to compute this call (default: all configured heads).
+
+  `fused_projections=True` is the decode layout: each block computes q/k/v with one
+  `qkv` kernel and the SwiGLU gate/up with one `gate_up` kernel (`fuse_projections`
+  converts a trained model's params; same math, fewer and larger matmuls per decoded
+  token). Training, checkpoints and Hugging Face interop use the separate kernels.
   """
 
   config: ModelConfig
+  fused_projections: bool = False
 
   def setup(self):
     cfg = self.config
@@ -254,9 +271,11 @@ class Transformer(nn.Module):
         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
         length=cfg.num_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
-      )(cfg, name="layers")
+      )(cfg, self.fused_projections, name="layers")
     else:
-      self.layers = [block(cfg, name=f"layer_{i}") for i in range(cfg.num_layers)]
+      self.layers = [
+        block(cfg, self.fused_projections, name=f"layer_{i}") for i in range(cfg.num_layers)
+      ]
     self.final_norm = Norm(
       kind=cfg.norm, eps=cfg.norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype
     )
@@ -466,3 +485,41 @@ def _self_mask(t: int, sliding_window: int | None) -> jax.Array:
   if sliding_window is not None:
     mask &= diff < sliding_window
   return mask[None, None]
+
+
+def fuse_projections(params: Any, config: ModelConfig) -> Any:
+  """Params of `Transformer(config)` -> those of `Transformer(config, fused_projections=True)`.
+
+  Per block (`layer_i`, or the stacked `layers` of a scanned model, leading `[L]` kept):
+  `attn/q [D, N, H]`, `attn/k`, `attn/v [D, K, H]` become `attn/qkv [D, K, R + 2, H]`
+  (R = N / K; query head n = k * R + r sits at [:, k, r], then kv head k's key and value),
+  and SwiGLU `mlp/gate`, `mlp/up [D, F]` become `mlp/gate_up [D, 2, F]`; biases likewise.
+  Every other entry is passed through, and fused blocks are left as they are. Pure array
+  code: jit it (under the mesh if the params are sharded).
+  """
+  r = config.num_heads // config.num_kv_heads
+
+  def fuse_layer(layer):
+    layer = dict(layer)
+    if "qkv" in layer["attn"]:  # already fused
+      return layer
+    attn = dict(layer["attn"])
+    q, k, v = (dict(attn.pop(n)) for n in ("q", "k", "v"))
+    qkv = {}
+    for leaf in q:  # "kernel" [..., D, N, H] and optionally "bias" [..., N, H]
+      qs = q[leaf].reshape(q[leaf].shape[:-2] + (config.num_kv_heads, r, q[leaf].shape[-1]))
+      qkv[leaf] = jnp.concatenate([qs, k[leaf][..., None, :], v[leaf][..., None, :]], axis=-2)
+    attn["qkv"] = qkv
+    layer["attn"] = attn
+    if config.mlp == "swiglu":
+      mlp = dict(layer["mlp"])
+      gate, up = dict(mlp.pop("gate")), dict(mlp.pop("up"))
+      mlp["gate_up"] = {leaf: jnp.stack([gate[leaf], up[leaf]], axis=-2) for leaf in gate}
+      layer["mlp"] = mlp
+    return layer
+
+  out = dict(params)
+  for name in out:
+    if name == "layers" or name.startswith("layer_"):
+      out[name] = fuse_layer(out[name])
+  return out

@@ -45,8 +45,9 @@ from jax.sharding import Mesh
 from critic_jax.losses import token_logprobs
 from critic_jax.models import Transformer
 from critic_jax.models.attention import CACHE_AXES, VALUE_CACHE_AXES
+from critic_jax.models.config import ModelConfig
 from critic_jax.models.layers import constrain
-from critic_jax.models.transformer import DecodeContext
+from critic_jax.models.transformer import DecodeContext, fuse_projections
 from critic_jax.parallel import (
   BATCH_AXES,
   DEFAULT_RULES,
@@ -68,6 +69,7 @@ __all__ = [
   "SampleState",
   "Sampler",
   "decode_model",
+  "decode_params",
   "decode_step",
   "generate_on_device",
   "init_state",
@@ -96,6 +98,9 @@ class GenerationConfig:
       step reads only the chunks in use (one compiled step per chunk); None: one
       chunk of T - 1 slots.
     processed_logprobs: also record log-probs under the processed distribution.
+    fused_projections: decode with q/k/v and the SwiGLU gate/up as one matmul each
+      (`Transformer(..., fused_projections=True)`; the params are converted once per
+      `generate` call by `fuse_projections`). Same math, fewer and larger matmuls per token.
     cache_dtype: dtype of the cached prompt and generated keys/values: "float32",
       "bfloat16", or "auto": float32 when the default backend is the CPU (XLA:CPU
       upcasts a bfloat16 cache write to float32, rewriting the whole cache every step,
@@ -110,6 +115,7 @@ class GenerationConfig:
   vocab_limit: int | None = None
   kv_chunk: int | None = None
   processed_logprobs: bool = False
+  fused_projections: bool = True
   cache_dtype: str = "auto"
 
   def __post_init__(self):
@@ -195,11 +201,15 @@ class SampleOutput:
   prompt_index: np.ndarray
 
 
-def decode_model(model: Transformer) -> Transformer:
-  """The model to decode with: scanned layers become unrolled ones (per-layer caches)."""
-  if not model.config.scan_layers:
+def decode_model(model: Transformer, fused_projections: bool = False) -> Transformer:
+  """The model to decode with: scanned layers become unrolled ones (per-layer caches), and
+  with `fused_projections` q/k/v and gate/up are one matmul each (`decode_params` converts)."""
+  if not model.config.scan_layers and model.fused_projections == fused_projections:
     return model
-  return Transformer(model.config.replace(scan_layers=False, remat="none"))
+  cfg = model.config
+  if cfg.scan_layers:
+    cfg = cfg.replace(scan_layers=False, remat="none")
+  return Transformer(cfg, fused_projections=fused_projections)
 
 
 def unscan_params(params: Any, num_layers: int) -> Any:
@@ -210,6 +220,12 @@ def unscan_params(params: Any, num_layers: int) -> Any:
   for i in range(num_layers):
     out[f"layer_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["layers"])
   return out
+
+
+def decode_params(params: Any, config: ModelConfig, fused_projections: bool) -> Any:
+  """The training model's params -> `decode_model(..., fused_projections)`'s (idempotent)."""
+  params = unscan_params(params, config.num_layers)
+  return fuse_projections(params, config) if fused_projections else params
 
 
 def shard_params(model: Transformer, params: Any, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
@@ -391,7 +407,8 @@ def generate_on_device(
 ) -> SampleState:
   """The whole generation as one traceable function (jit it): prefill, then a
   `lax.while_loop` per cache chunk that exits as soon as every row has finished."""
-  model, params = decode_model(model), unscan_params(params, model.config.num_layers)
+  fused = cfg.fused_projections
+  model, params = decode_model(model, fused), decode_params(params, model.config, fused)
   state = init_state(model, cfg, num_samples, params, tokens, lengths, prompt_ids, rng)
   c = cfg.chunk_size
   for j in range(cfg.num_chunks):
@@ -455,7 +472,7 @@ class Sampler:
       devices = mesh.devices.flat if mesh is not None else jax.devices()
       loop = "device" if next(iter(devices)).platform == "cpu" else "host"
     self.train_model = model
-    self.model = decode_model(model)
+    self.model = decode_model(model, config.fused_projections)
     self.config = config
     self.mesh, self.rules = mesh, rules
     self.prompt_buckets = tuple(prompt_buckets)
@@ -464,7 +481,11 @@ class Sampler:
     self._init = {}
     self._steps = {}
     self._device = {}
-    self._unscan = jax.jit(functools.partial(unscan_params, num_layers=model.config.num_layers))
+    self._decode_params = jax.jit(
+      functools.partial(
+        decode_params, config=model.config, fused_projections=config.fused_projections
+      )
+    )
     self.last_timing: dict[str, float] = {}
 
   # --- compiled pieces (one per static shape key) -----------------------------
@@ -494,6 +515,16 @@ class Sampler:
     return sum(f._cache_size() for f in fns)
 
   # --- host side --------------------------------------------------------------
+  def decode_params(self, params):
+    """The training model's params -> what the compiled pieces (`self.model`) take:
+    scanned layers unrolled and, with `fused_projections`, q/k/v and gate/up fused (a
+    copy of those kernels; `generate` makes it once per call)."""
+    if not (self.train_model.config.scan_layers or self.config.fused_projections):
+      return params
+    mesh_ctx, rules_ctx = self._contexts()
+    with mesh_ctx, rules_ctx:
+      return self._decode_params(params)
+
   def _contexts(self):
     if self.mesh is None:
       return contextlib.nullcontext(), contextlib.nullcontext()
@@ -562,10 +593,9 @@ class Sampler:
     g = int(num_samples)
     if g < 1:
       raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    if self.train_model.config.scan_layers:
-      params = self._unscan(params)
-    mesh_ctx, rules_ctx = self._contexts()
     t0 = time.perf_counter()
+    params = self.decode_params(params)
+    mesh_ctx, rules_ctx = self._contexts()
     with mesh_ctx, rules_ctx:
       args = (params, self._put(tokens), self._put(lengths), self._put(ids), rng)
       if self.loop == "device":
