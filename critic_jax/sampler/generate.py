@@ -100,7 +100,9 @@ class GenerationConfig:
     processed_logprobs: also record log-probs under the processed distribution.
     fused_projections: decode with q/k/v and the SwiGLU gate/up as one matmul each
       (`Transformer(..., fused_projections=True)`; the params are converted once per
-      `generate` call by `fuse_projections`). Same math, fewer and larger matmuls per token.
+      `generate` call by `fuse_projections`). Same math, fewer and larger matmuls per token;
+      while generating, the fused kernels are a second copy of the q/k/v/gate/up weights
+      (turn it off where memory is tighter than that).
     cache_dtype: dtype of the cached prompt and generated keys/values: "float32",
       "bfloat16", or "auto": float32 when the default backend is the CPU (XLA:CPU
       upcasts a bfloat16 cache write to float32, rewriting the whole cache every step,
