@@ -518,6 +518,8 @@ def test_bad_inputs_raise(tiny, sampler):
     sampler.generate(params, np.ones((2, 4), np.int32), np.array([0, 3]), jax.random.key(0))
   with pytest.raises(ValueError, match="max_new_tokens"):
     GenerationConfig(max_new_tokens=0)
+  with pytest.raises(ValueError, match="fused_projections=True"):
+    Sampler(Transformer(CFG, fused_projections=True), _gen(fused_projections=False))
   gpt2 = Transformer(ModelConfig.preset("tiny_gpt2", max_seq_len=16))
   with pytest.raises(ValueError, match="learned positions"):
     Sampler(gpt2, _gen()).generate({}, np.ones((1, 12), np.int32), [12], jax.random.key(0))

@@ -206,6 +206,11 @@ class SampleOutput:
 def decode_model(model: Transformer, fused_projections: bool = False) -> Transformer:
   """The model to decode with: scanned layers become unrolled ones (per-layer caches), and
   with `fused_projections` q/k/v and gate/up are one matmul each (`decode_params` converts)."""
+  if model.fused_projections and not fused_projections:
+    raise ValueError(
+      "the model has fused projections (its params hold qkv/gate_up kernels, which are not "
+      "split back): decode it with GenerationConfig(fused_projections=True)"
+    )
   if not model.config.scan_layers and model.fused_projections == fused_projections:
     return model
   cfg = model.config
