@@ -60,11 +60,12 @@ def test_bench_sft_runs_both_sides_and_reports_the_ratio():
 
 
 def test_bench_sampler_runs_both_sides_and_reports_the_ratio():
-  """Two alternating rounds: a table row per side and round, and the rounds' ratios."""
+  """Two alternating rounds: a table row per side and round, and the rounds' ratios; both
+  decode loops, each with and without the fused projections."""
   out = _bench(
     "bench_sampler", "--preset", "tiny", "--batch", "2", "--prompt-len", "8",
     "--new-tokens", "4", "--num-samples", "2", "--repeats", "1", "--loop", "both",
-    "--rounds", "2",
+    "--fused", "both", "--rounds", "2",
   )  # fmt: skip
   assert "batch 2 x 2 samples, prompt 8, 4 new tokens" in out
   rows = [x for x in out.splitlines() if x.startswith(("| critic_jax", "| transformers"))]
@@ -73,7 +74,8 @@ def test_bench_sampler_runs_both_sides_and_reports_the_ratio():
     "transformers (round 2)",
   ], out  # fmt: skip
   assert all(len(r.split("|")) == 10 for r in rows), out
-  assert re.search(r"host loop [\d.]+ ms .* device loop [\d.]+ ms", out), out
+  variants = ("host fused", "host unfused", "device fused", "device unfused")
+  assert re.search(r" .* ".join(rf"{v} loop [\d.]+ ms" for v in variants), out), out
   assert re.search(r"ratio \(ours / transformers\): total [\d.]+x, prefill [\d.]+x", out), out
   assert re.search(r"total ratio over 2 rounds: median [\d.]+x, range [\d.]+-[\d.]+x \(", out)
 
