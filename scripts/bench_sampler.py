@@ -2,7 +2,7 @@
 
     python scripts/bench_sampler.py --loop=both              # CPU default (small Llama shape)
     python scripts/bench_sampler.py --loop=both --threads=1  # single-threaded ops on both sides
-    # GPU cases of the issue (not run yet: written for a session with an H100):
+    # GPU cases of the issue (run on an H100 on 2026-11-27: README, "On a GPU"):
     python scripts/bench_sampler.py --preset=llama_0.9b --dtype=bfloat16 --batch=64 \
         --prompt-len=128 --new-tokens=256 --kv-chunk=64 --repeats=2
     python scripts/bench_sampler.py --preset=llama_0.9b --dtype=bfloat16 --batch=256 \
@@ -245,7 +245,8 @@ def run_hf(args) -> dict:
     attn_implementation="sdpa",
   )  # fmt: skip
   torch.manual_seed(0)
-  model = LlamaForCausalLM(hf_cfg).to(dtype=dtype, device=device).eval()
+  with torch.device(device):  # initialised on the device: no host-side init of a large model
+    model = LlamaForCausalLM(hf_cfg).to(dtype=dtype).eval()
   n_params = sum(p.numel() for p in model.parameters())
   g = torch.Generator().manual_seed(0)
   ids = torch.randint(3, cfg.vocab_size, (args.batch, args.prompt_len), generator=g).to(device)
@@ -324,8 +325,25 @@ def main(argv=None):
     print_result(res)
     return
   cfg = model_config(args)
+
   # Alternate the sides round by round, so that a slow spell of the machine hits both.
-  rounds = [(child(args, "ours"), child(args, "hf")) for _ in range(args.rounds)]
+  def side(name, i):
+    # Printed as each side finishes, so a later side's failure or a time limit keeps it.
+    try:
+      r = child(args, name)
+    except SystemExit as e:
+      print(f"round {i + 1}: side {name} FAILED: {e}", flush=True)
+      return None
+    summary = {k: v for k, v in r.items() if k != "loops"}
+    print(f"round {i + 1}: side {name}: {summary}", flush=True)
+    for k, v in r.get("loops", {}).items():
+      print(f"round {i + 1}: side {name}, {k} loop: {v}", flush=True)
+    return r
+
+  rounds = [(side("ours", i), side("hf", i)) for i in range(args.rounds)]
+  failed = sorted({n for r in rounds for n, x in zip(("ours", "hf"), r, strict=True) if x is None})
+  if failed:
+    sys.exit(f"side(s) failed: {', '.join(failed)} (their output is above)")
   rated = [(rates(o, args), rates(h, args)) for o, h in rounds]
   (ours, hf), (ro, rh) = rounds[0], rated[0]
   print(

@@ -13,7 +13,8 @@ is taken to the faster of the two. Each side runs in its own child process (`--s
 `scripts/benchlib.py`), so on a GPU JAX's preallocated pool and PyTorch's allocator never
 share the device's memory, and the parent initialises neither. Prints tokens/s,
 step time, model FLOPs utilisation (6N + attention FLOPs per token over the
-chip's peak, when --peak_tflops is known) and the ratio.
+chip's peak, when --peak_tflops is known; N without the input embedding, and again with it,
+as ENVIRONMENT.md's PyTorch anchor counts) and the ratio.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from critic_jax.train.optim import make_optimizer  # noqa: E402
 from critic_jax.train.sft import make_train_step  # noqa: E402
 from critic_jax.train.state import init_train_state  # noqa: E402
 
+SKIP = ("side", "timeout", "rounds", "autocast")  # the parent's own flags
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
@@ -62,6 +64,10 @@ def parse(argv=None):
     help="model.matmul_grad: how weight-matmul backward passes are built",
   )  # fmt: skip
   p.add_argument("--torch", action="store_true", help="also run the PyTorch baseline")
+  p.add_argument(
+    "--no-autocast", dest="autocast", action="store_false",
+    help="bfloat16: skip PyTorch's float32-weights autocast loop (run only bfloat16 weights)",
+  )  # fmt: skip
   p.add_argument(
     "--peak-tflops", "--peak_tflops", dest="peak_tflops", type=float, default=None,
     help="chip peak for MFU",
@@ -169,21 +175,27 @@ def bench_torch(args, cfg, autocast=False):
   )  # fmt: skip
   # bf16 weights, or (autocast) float32 weights with bf16 matmuls as critic_jax computes.
   dtype = torch.bfloat16 if args.dtype == "bfloat16" and not autocast else torch.float32
-  model = LlamaForCausalLM(hf_cfg).to(dev, dtype=dtype)
+  with torch.device(dev):  # initialised on the device: no host-side init of a large model
+    model = LlamaForCausalLM(hf_cfg).to(dtype=dtype)
   model.train()
   opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
   tokens = torch.from_numpy(batch_np(args, cfg.vocab_size)["tokens"].astype(np.int64)).to(dev)
 
+  box = {}
+
   def run():
     with torch.autocast(dev, dtype=torch.bfloat16, enabled=autocast):
       out = model(input_ids=tokens, labels=tokens)
+    box["loss"] = out.loss.detach()
     out.loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
 
   sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
-  return time_steps(run, sync, args.warmup, args.steps)
+  # One more warm-up step than the steps timed, like the JAX side's compile step: both losses
+  # are then read at the same step.
+  return time_steps(run, sync, args.warmup + 1, args.steps), float(box["loss"])
 
 
 def run_side_here(args) -> dict:
@@ -197,8 +209,8 @@ def run_side_here(args) -> dict:
                 devices=jax.device_count())  # fmt: skip
   import torch
 
-  dt = bench_torch(args, cfg, autocast=args.side == "autocast")
-  return dict(step_s=dt, device="cuda" if torch.cuda.is_available() else "cpu")
+  dt, loss = bench_torch(args, cfg, autocast=args.side == "autocast")
+  return dict(step_s=dt, loss=loss, device="cuda" if torch.cuda.is_available() else "cpu")
 
 
 def main():
@@ -209,14 +221,27 @@ def main():
   cfg = model_config(args)
   tokens = args.batch * args.seq
   flops = cfg.flops_per_token(args.seq) * tokens
+  # ENVIRONMENT.md's PyTorch anchor (36% MFU) counts 6N over all parameters, the input
+  # embedding's too (a lookup, no matmul); both counts are printed.
+  flops_all = flops + 6 * (cfg.num_params() - cfg.num_params(include_embeddings=False)) * tokens
 
-  def side(name):
-    return run_side(__file__, name, forward_args(args), timeout=args.timeout)
+  def side(name, i):
+    # Printed as each side finishes, so a later side's failure or a time limit keeps it.
+    try:
+      r = run_side(__file__, name, forward_args(args, skip=SKIP), timeout=args.timeout)
+    except SystemExit as e:
+      print(f"round {i + 1}: side {name} FAILED: {e}", flush=True)
+      return None
+    print(f"round {i + 1}: side {name}: {r}", flush=True)
+    return r
 
   # Alternate the sides round by round, so that a slow spell of the machine hits both.
   names = ["jax"] + (["torch"] if args.torch else [])
-  names += ["autocast"] if args.torch and args.dtype == "bfloat16" else []
-  rounds = [{n: side(n) for n in names} for _ in range(args.rounds)]
+  names += ["autocast"] if args.torch and args.dtype == "bfloat16" and args.autocast else []
+  rounds = [{n: side(n, i) for n in names} for i in range(args.rounds)]
+  failed = sorted({n for r in rounds for n in names if r[n] is None})
+  if failed:
+    sys.exit(f"side(s) failed: {', '.join(failed)} (their output is above)")
   ours = rounds[0]["jax"]
   peak = args.peak_tflops
   if peak is None:
@@ -226,11 +251,17 @@ def main():
     f"params, batch {args.batch} x {args.seq} tokens, {args.dtype}, attention {args.attention}"
   )
 
-  def line(name, dt):
-    mfu = f", MFU {100 * flops / dt / (peak * 1e12):.1f}%" if peak else ""
+  def line(name, dt, loss=None):
+    mfu = ""
+    if peak:
+      mfu = (
+        f", MFU {100 * flops / dt / (peak * 1e12):.1f}% "
+        f"({100 * flops_all / dt / (peak * 1e12):.1f}% counting embeddings)"
+      )
+    end = "" if loss is None else f", loss {loss:.3f} after {args.warmup + args.steps + 1} steps"
     print(
       f"{name:>10}: {dt * 1e3:9.1f} ms/step, {tokens / dt:10.0f} tokens/s, "
-      f"{flops / dt / 1e12:.3f} TFLOP/s{mfu}"
+      f"{flops / dt / 1e12:.3f} TFLOP/s{mfu}{end}"
     )
 
   labels = {"jax": "critic_jax", "torch": "pytorch", "autocast": "autocast"}
@@ -239,9 +270,9 @@ def main():
     if args.rounds > 1:
       print(f"round {i + 1} of {args.rounds}:")
     j = r["jax"]
-    print(f"critic_jax compile + first step {j['compile_s']:.1f} s (loss {j['loss']:.3f})")
+    print(f"critic_jax compile + first step {j['compile_s']:.1f} s")
     for n in names:
-      line(labels[n], r[n]["step_s"])
+      line(labels[n], r[n]["step_s"], r[n].get("loss"))
     if args.torch:  # bfloat16: the ratio is to the faster PyTorch loop
       ratios.append(min(r[n]["step_s"] for n in names[1:]) / r["jax"]["step_s"])
       print(f"ratio (critic_jax tokens/s over PyTorch tokens/s): {ratios[-1]:.2f}x")

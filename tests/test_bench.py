@@ -37,6 +37,20 @@ def _bench(name: str, *argv: str) -> str:
   return p.stdout
 
 
+def test_bench_sides_that_fail_are_reported_and_the_others_still_run():
+  """A side that fails (here: a time limit no side can meet) is named, the next side still
+  runs, and the script exits non-zero: on a GPU lease one side's failure must not cost the
+  other side's numbers."""
+  for name, sides in (("bench_sft", ("jax", "torch")), ("bench_sampler", ("ours", "hf"))):
+    argv = ["--preset", "tiny", "--timeout", "0.01"] + (["--torch"] if name == "bench_sft" else [])
+    cmd = [sys.executable, os.path.join(ROOT, "scripts", f"{name}.py"), *argv]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=300)
+    assert p.returncode != 0, p.stdout
+    for side in sides:
+      assert f"round 1: side {side} FAILED: the {side} side did not finish" in p.stdout, p.stdout
+    assert f"side(s) failed: {', '.join(sorted(sides))}" in p.stderr, p.stderr
+
+
 def test_bench_sft_runs_both_sides_and_reports_the_ratio():
   """Two alternating rounds (--rounds 2) of the three bfloat16 sides: every round's lines
   and ratio, then the per-side medians and the median and range of the rounds' ratios."""
@@ -51,6 +65,9 @@ def test_bench_sft_runs_both_sides_and_reports_the_ratio():
     assert len(lines) == 3, out  # two rounds and the median
     for line in lines:
       assert re.search(r"ms/step, +\d+ tokens/s, [\d.]+ TFLOP/s, MFU [\d.]+%", line), line
+      assert re.search(r"\([\d.]+% counting embeddings\)", line), line
+    # Each round's line has its side's loss, read at the same step on both sides.
+    assert all(re.search(r"loss [\d.]+ after 3 steps$", x) for x in lines[:2]), lines
   pattern = r"ratio \(critic_jax tokens/s over PyTorch tokens/s\): ([\d.]+)x"
   each = [float(x) for x in re.findall(pattern, out)]
   summary = re.search(r"ratio over 2 rounds: median ([\d.]+)x, range ([\d.]+)-([\d.]+)x", out)
