@@ -5,15 +5,17 @@
 #   bash scripts/device_checks.sh --fetch     # here, once: wheels the device lacks -> .whl/
 #   # then the device tool: command "bash scripts/device_checks.sh", carry [".whl"],
 #   # timeout_s 600; results (one log per phase, and all.log) come back from $OUT.
-#   bash scripts/device_checks.sh sft         # or some phases: gputests sft sampler64 sampler256
+#   bash scripts/device_checks.sh sft         # or some phases: sft sampler64 sampler256 gputests
+#                                             # (and sftnoremat, not in the default run)
 #
 # The device machine's image (Python 3.12; ../.library/device/KINDS.md) has jax (CUDA), flax,
 # optax, orbax, transformers, torch, absl-py and PyYAML, but not ml-collections (its
 # pure-Python wheel is carried in .whl/); the benchmarks need nothing else (grain is imported
-# only by the data pipelines). Each phase runs under its
-# own time limit and writes its log as it goes, so a phase that overruns costs only itself.
-# Limits 60 + 220 + 150 + 160 s (9 min 50 s in all); estimated from the anchor figures in
-# ENVIRONMENT.md, not measured: gputests < 1 min, sft ~3 min, sampler64 and sampler256 ~2.
+# only by the data pipelines). Each phase runs under its own time limit and writes its log as it
+# goes, so a phase that overruns costs only itself. Limits 170 + 170 + 200 + 60 s. Measured on an
+# H100 (2026-11-27, jax 0.11.2): machine start to first log ~30 s, wheels ~10 s, sft (both
+# sides) 126 s, gputests 38 s; our sampler side 20-25 s of compile per loop; `generate` at
+# batch 64 did not finish in the ~80 s its phase had left then (estimate: ~60-90 s).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
@@ -35,7 +37,7 @@ out=${OUT:-device_out}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1  # a phase killed at its limit still leaves what it printed
 phases=("$@")
-[[ ${#phases[@]} -eq 0 ]] && phases=(gputests sft sampler64 sampler256)
+[[ ${#phases[@]} -eq 0 ]] && phases=(sft sampler64 sampler256 gputests)
 log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$out/all.log"; }
 
 if ! "$py" -c "import ml_collections" 2>/dev/null; then
@@ -52,15 +54,24 @@ fi
 'transformers', transformers.__version__)"
 } >>"$out/all.log" 2>&1 || { log "FAILED: the environment check"; exit 1; }
 
+gpu_apps() {  # processes holding the GPU (a phase killed at its limit must not linger)
+  if command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader 2>&1 | tr '\n' ';'
+  fi
+}
+
 run_phase() {  # name, time limit (s), command...
   local name=$1 limit=$2
   shift 2
   log "$name: $*"
-  timeout "$limit" "$@" >"$out/$name.log" 2>&1
+  log "$name: GPU processes before: [$(gpu_apps)]"
+  # timeout signals its whole process group (the benchmarks' per-side child processes too);
+  # -k: SIGKILL 5 s later for anything that outlives SIGTERM.
+  timeout -k 5 "$limit" "$@" >"$out/$name.log" 2>&1
   local rc=$?
   ((rc == 0)) || failed+=("$name")
-  grep -E "ratio|MFU|roofline|decode|critic_jax|pytorch|autocast|transformers|passed|failed|skipped|FAILED|Error" \
-    "$out/$name.log" | tail -n 20 | tee -a "$out/all.log"
+  grep -E "ratio|MFU|roofline|decode|critic_jax|pytorch|autocast|transformers|passed|failed|skipped|FAILED|Error|round" \
+    "$out/$name.log" | tail -n 24 | tee -a "$out/all.log"
   log "$name: exit $rc"
 }
 
@@ -77,15 +88,20 @@ for phase in "${phases[@]}"; do
     gputests)  # cuDNN attention against XLA's on the real kernel (skipped off GPUs)
       run_phase gputests 60 "$py" -m pytest -q -p no:cacheprovider tests/test_gpu.py ;;
     sft)  # issue target: >= 50% MFU (PyTorch + transformers: 36% per ENVIRONMENT.md)
-      run_phase sft 220 "$py" scripts/bench_sft.py --preset $preset "${sft_shape[@]}" \
-        --dtype bfloat16 --attention $attn --remat dots_no_batch --steps 8 --warmup 2 --torch ;;
+      run_phase sft 170 "$py" scripts/bench_sft.py --preset $preset "${sft_shape[@]}" \
+        --dtype bfloat16 --attention $attn --remat dots_no_batch --steps 8 --warmup 2 --torch \
+        --no-autocast ;;
     sampler64)  # issue target: >= 20x generate at batch 64
-      run_phase sampler64 150 "$py" scripts/bench_sampler.py --preset $preset \
-        --dtype bfloat16 --batch $b64 "${gen[@]}" --repeats 1 ;;
+      # The device loop: 543.8 ms against the host loop's 585.5 here (H100, one run each).
+      run_phase sampler64 170 "$py" scripts/bench_sampler.py --preset $preset \
+        --dtype bfloat16 --batch $b64 "${gen[@]}" --repeats 1 --loop device ;;
     sampler256)  # issue target: >= 50% of the memory-bandwidth roofline at batch 256
-      run_phase sampler256 160 "$py" scripts/bench_sampler.py --preset $preset \
-        --dtype bfloat16 --batch $b256 "${gen[@]}" --repeats 1 ;;
-    *) log "unknown phase $phase (known: gputests sft sampler64 sampler256)"; exit 2 ;;
+      run_phase sampler256 200 "$py" scripts/bench_sampler.py --preset $preset \
+        --dtype bfloat16 --batch $b256 "${gen[@]}" --repeats 1 --loop both ;;
+    sftnoremat)  # our side alone without rematerialisation (not in the default run)
+      run_phase sftnoremat 120 "$py" scripts/bench_sft.py --preset $preset "${sft_shape[@]}" \
+        --dtype bfloat16 --attention $attn --remat none --steps 8 --warmup 2 ;;
+    *) log "unknown phase $phase (known: sft sampler64 sampler256 gputests sftnoremat)"; exit 2 ;;
   esac
 done
 if ((${#failed[@]})); then log "done; failed: ${failed[*]}"; exit 1; fi
