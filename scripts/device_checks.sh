@@ -5,14 +5,14 @@
 #   bash scripts/device_checks.sh --fetch     # here, once: wheels the device lacks -> .whl/
 #   # then the device tool: command "bash scripts/device_checks.sh", carry [".whl"],
 #   # timeout_s 600; results (one log per phase, and all.log) come back from $OUT.
-#   bash scripts/device_checks.sh sft         # or some phases: sft sampler64 sampler256 gputests
+#   bash scripts/device_checks.sh sft         # or some phases: sampler64 sampler256 sft gputests
 #                                             # (and sftnoremat, not in the default run)
 #
 # The device machine's image (Python 3.12; ../.library/device/KINDS.md) has jax (CUDA), flax,
 # optax, orbax, transformers, torch, absl-py and PyYAML, but not ml-collections (its
 # pure-Python wheel is carried in .whl/); the benchmarks need nothing else (grain is imported
 # only by the data pipelines). Each phase runs under its own time limit and writes its log as it
-# goes, so a phase that overruns costs only itself. Limits 170 + 170 + 200 + 60 s. Measured on an
+# goes, so a phase that overruns costs only itself. Limits 170 + 200 + 170 + 60 s. Measured on an
 # H100 (2026-11-27, jax 0.11.2): machine start to first log ~30 s, wheels ~10 s, sft (both
 # sides) 126 s, gputests 38 s; our sampler side 20-25 s of compile per loop; `generate` at
 # batch 64 did not finish in the ~80 s its phase had left then (estimate: ~60-90 s).
@@ -37,7 +37,8 @@ out=${OUT:-device_out}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1  # a phase killed at its limit still leaves what it printed
 phases=("$@")
-[[ ${#phases[@]} -eq 0 ]] && phases=(sft sampler64 sampler256 gputests)
+# The samplers first: their same-call `generate` ratio is the one GPU figure not yet measured.
+[[ ${#phases[@]} -eq 0 ]] && phases=(sampler64 sampler256 sft gputests)
 log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$out/all.log"; }
 
 if ! "$py" -c "import ml_collections" 2>/dev/null; then
@@ -101,7 +102,7 @@ for phase in "${phases[@]}"; do
     sftnoremat)  # our side alone without rematerialisation (not in the default run)
       run_phase sftnoremat 120 "$py" scripts/bench_sft.py --preset $preset "${sft_shape[@]}" \
         --dtype bfloat16 --attention $attn --remat none --steps 8 --warmup 2 ;;
-    *) log "unknown phase $phase (known: sft sampler64 sampler256 gputests sftnoremat)"; exit 2 ;;
+    *) log "unknown phase $phase (known: sampler64 sampler256 sft gputests sftnoremat)"; exit 2 ;;
   esac
 done
 if ((${#failed[@]})); then log "done; failed: ${failed[*]}"; exit 1; fi
