@@ -31,7 +31,14 @@ import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from benchlib import add_rounds_flag, forward_args, print_result, run_side  # noqa: E402
+from benchlib import (  # noqa: E402
+  add_profile_flag,
+  add_rounds_flag,
+  forward_args,
+  print_result,
+  profile_runs,
+  run_side,
+)
 
 from critic_jax.hostmem import keep_freed_memory  # noqa: E402
 from critic_jax.models import ModelConfig, Transformer  # noqa: E402
@@ -78,6 +85,7 @@ def parse(argv=None):
   )  # fmt: skip
   p.add_argument("--timeout", type=float, default=1800.0, help="per side, seconds")
   add_rounds_flag(p)
+  add_profile_flag(p)
   return p.parse_args(argv)
 
 
@@ -154,7 +162,10 @@ def bench_jax(args, cfg):
     def run():
       box["state"], box["metrics"] = step(box["state"], batch)
 
-    dt = time_steps(run, lambda: jax.block_until_ready(box["metrics"]), args.warmup, args.steps)
+    sync = lambda: jax.block_until_ready(box["metrics"])  # noqa: E731
+    dt = time_steps(run, sync, args.warmup, args.steps)
+    if args.profile:
+      profile_runs(args.profile, run, sync, args.profile_runs)
   return dt, compile_s, float(box["metrics"]["loss"])
 
 

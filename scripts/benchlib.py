@@ -15,7 +15,10 @@ import os
 import subprocess
 import sys
 
-__all__ = ["RESULT_PREFIX", "add_rounds_flag", "print_result", "run_side", "forward_args"]
+__all__ = [
+  "RESULT_PREFIX", "add_profile_flag", "add_rounds_flag", "forward_args", "print_result",
+  "profile_runs", "run_side",
+]  # fmt: skip
 
 RESULT_PREFIX = "RESULT "
 
@@ -34,6 +37,27 @@ def add_rounds_flag(p: argparse.ArgumentParser) -> None:
     help="run the sides alternately this many times (each in a fresh process) and report "
     "every round's ratio and their median: on a noisy machine one round can mislead",
   )  # fmt: skip
+
+
+def add_profile_flag(p: argparse.ArgumentParser) -> None:
+  """`--profile DIR`: after timing, trace a few more runs of our side into DIR."""
+  p.add_argument(
+    "--profile", default="",
+    help="after timing, trace --profile-runs more runs of our side with jax.profiler into "
+    "this directory (summarise it with scripts/profile_ops.py)",
+  )  # fmt: skip
+  p.add_argument("--profile-runs", type=_positive_int, default=2)
+
+
+def profile_runs(directory: str, run, sync, n: int) -> None:
+  """Traces `n` calls of `run` (each followed by `sync`) into `directory`."""
+  import jax
+
+  sync()
+  with jax.profiler.trace(directory):
+    for _ in range(n):
+      run()
+      sync()
 
 
 def print_result(result: dict) -> None:

@@ -6,7 +6,7 @@
 #   # then the device tool: command "bash scripts/device_checks.sh", carry [".whl"],
 #   # timeout_s 600; results (one log per phase, and all.log) come back from $OUT.
 #   bash scripts/device_checks.sh sft         # or some phases: sampler64 sampler256 sft gputests
-#                                             # (and sftnoremat, not in the default run)
+#                                             # (and profile, sftnoremat: not in the default run)
 #
 # The device machine's image (Python 3.12; ../.library/device/KINDS.md) has jax (CUDA), flax,
 # optax, orbax, transformers, torch, absl-py and PyYAML, but not ml-collections (its
@@ -99,10 +99,30 @@ for phase in "${phases[@]}"; do
     sampler256)  # issue target: >= 50% of the memory-bandwidth roofline at batch 256
       run_phase sampler256 200 "$py" scripts/bench_sampler.py --preset $preset \
         --dtype bfloat16 --batch $b256 "${gen[@]}" --repeats 1 --loop both ;;
+    profile)  # where our steps' time goes (not in the default run): the op tables in profile.log
+      prof=/tmp/critic_jax_profile
+      rm -rf "$prof"
+      run_phase profile_sft 120 env XLA_FLAGS="--xla_dump_to=$prof/hlo_sft --xla_dump_hlo_as_text" \
+        "$py" scripts/bench_sft.py --side jax --preset $preset "${sft_shape[@]}" \
+        --dtype bfloat16 --attention $attn --remat dots_no_batch --steps 2 --warmup 1 \
+        --profile "$prof/sft"
+      run_phase profile_sampler 120 \
+        env XLA_FLAGS="--xla_dump_to=$prof/hlo_sampler --xla_dump_hlo_as_text" \
+        "$py" scripts/bench_sampler.py --side ours --preset $preset --dtype bfloat16 --batch $b64 \
+        "${gen[@]}" --repeats 1 --loop device --profile "$prof/sampler" --profile-runs 1
+      for what in sft sampler; do
+        timeout 60 "$py" scripts/profile_ops.py "$prof/$what" --hlo "$prof/hlo_$what" \
+          >>"$out/profile.log" 2>&1 || failed+=("profile_ops $what")
+        # The raw trace comes back too (flat: the device tool returns files two folders deep).
+        f=$(find "$prof/$what" -name '*.xplane.pb' -size -16M | head -n 1)
+        [[ -n "$f" ]] && cp "$f" "$out/profile_$what.xplane.pb"
+      done
+      rm -f "$out/profile_sft.log" "$out/profile_sampler.log"  # the op tables say it all
+      log "profile: tables in profile.log" ;;
     sftnoremat)  # our side alone without rematerialisation (not in the default run)
       run_phase sftnoremat 120 "$py" scripts/bench_sft.py --preset $preset "${sft_shape[@]}" \
         --dtype bfloat16 --attention $attn --remat none --steps 8 --warmup 2 ;;
-    *) log "unknown phase $phase (known: sampler64 sampler256 sft gputests sftnoremat)"; exit 2 ;;
+    *) log "unknown phase $phase (known: sampler64 sampler256 sft gputests profile sftnoremat)"; exit 2 ;;
   esac
 done
 if ((${#failed[@]})); then log "done; failed: ${failed[*]}"; exit 1; fi

@@ -148,3 +148,29 @@ def test_device_checks_script_smoke(tmp_path):
   for phase in ("sft", "sampler64", "sampler256"):
     assert f"{phase}: exit 0" in log, log
     assert "ratio" in (tmp_path / f"{phase}.log").read_text()
+
+
+def test_profile_ops_sums_a_traced_step_per_op_with_its_hlo(tmp_path):
+  """bench_sft --profile traces our step; profile_ops.py sums it per op and per category and
+  names each op's source from the dumped HLO (what a GPU session reads to find the time)."""
+  trace, hlo = tmp_path / "trace", tmp_path / "hlo"
+  env = _env()
+  env["XLA_FLAGS"] = f"{env['XLA_FLAGS']} --xla_dump_to={hlo} --xla_dump_hlo_as_text"
+  cmd = [
+    sys.executable, os.path.join(ROOT, "scripts", "bench_sft.py"), "--side", "jax",
+    "--preset", "tiny", "--batch", "2", "--seq", "32", "--steps", "1", "--warmup", "1",
+    "--profile", str(trace), "--profile-runs", "2",
+  ]  # fmt: skip
+  p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+  assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+  out = _bench("profile_ops", str(trace), "--hlo", str(hlo), "--top", "50")
+  assert "jit_step" in out.splitlines()[0], out  # the dump that names the traced ops
+  block = out.split("| category | ms | share |")[1].split("top 50 source ops")[0]
+  cats = re.findall(r"^\| ([^|]+) \| ([\d.]+) \| ([\d.]+)% \|$", block, re.M)
+  shares = {c: float(s) for c, _, s in cats}
+  assert shares.get("matmul", 0) > 0 and abs(sum(shares.values()) - 100) < 0.5, out
+  # Every MLP matmul of the tiny model is found in the traced step, layers folded together.
+  for src in ("mlp/gate/dot_general", "mlp/up/dot_general", "mlp/down/dot_general"):
+    assert re.search(rf"^\| {re.escape(src)} \| [\d.]+ \| [\d.]+% \|$", out, re.M), out
+  op_rows = re.findall(r"^\| (\S+) \| matmul \| (\d+) \|", out, re.M)
+  assert op_rows and all(int(n) % 2 == 0 for _, n in op_rows), out  # once per traced step
