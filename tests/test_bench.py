@@ -148,6 +148,14 @@ def test_device_checks_script_smoke(tmp_path):
   for phase in ("sft", "sampler64", "sampler256"):
     assert f"{phase}: exit 0" in log, log
     assert "ratio" in (tmp_path / f"{phase}.log").read_text()
+  # The optional profile phase: both traced steps summarised, their raw traces returned flat.
+  p = subprocess.run(cmd + ["profile"], capture_output=True, text=True, cwd=ROOT, env=env,
+                     timeout=600)  # fmt: skip
+  assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+  table = (tmp_path / "profile.log").read_text()
+  assert "jit_step" in table and "jit_generate_on_device" in table, table
+  assert (tmp_path / "profile_sft.xplane.pb").exists()
+  assert (tmp_path / "profile_sampler.xplane.pb").exists()
 
 
 def test_profile_ops_sums_a_traced_step_per_op_with_its_hlo(tmp_path):
