@@ -44,26 +44,48 @@ def parse(argv=None):
   return p.parse_args(argv)
 
 
-def load_events(path: str) -> tuple[dict, dict, str]:
-  """Per-op {name: [count, total_ns]}, per-executable {name: total_ns}, and the platform."""
+def op_key(name: str) -> str:
+  """An "XLA Ops" event's instruction name: some backends name the event by the whole HLO
+  instruction ("%fusion.3 = f32[...] fusion(...), ...")."""
+  if " = " in name:
+    name = name.split(" = ", 1)[0]
+  return name.strip().lstrip("%")
+
+
+def load_events(path: str, texts: dict | None = None) -> tuple[dict, dict, str]:
+  """Per-op {name: [count, total_ns]}, per-executable {name: total_ns}, and the platform.
+
+  `texts`, if given, receives {op: HLO text} where the trace itself carries it (an event
+  named by its whole instruction, or a "long_name" stat).
+  """
   from jax.profiler import ProfileData
 
   pd = ProfileData.from_file(path)
   ops: dict = collections.defaultdict(lambda: [0, 0.0])
   modules: dict = collections.defaultdict(float)
+  texts = {} if texts is None else texts
   gpu = [pl for pl in pd.planes if pl.name.startswith("/device:GPU")]
   if gpu:
     streams: dict = collections.defaultdict(lambda: [0, 0.0])  # kernels, if no "XLA Ops"
     for pl in gpu:
       for line in pl.lines:
-        target = ops if line.name == "XLA Ops" else None
-        target = streams if line.name.startswith("Stream") else target
-        for ev in line.events if target is not None else ():
-          target[ev.name][0] += 1
-          target[ev.name][1] += ev.duration_ns
         if line.name == "XLA Modules":
           for ev in line.events:
             modules[ev.name] += ev.duration_ns
+        elif line.name == "XLA Ops":
+          for ev in line.events:
+            key = op_key(ev.name)
+            ops[key][0] += 1
+            ops[key][1] += ev.duration_ns
+            if key not in texts:
+              long = dict(ev.stats).get("long_name", "")
+              text = ev.name if " = " in ev.name else str(long)
+              if " = " in text:
+                texts[key] = text.split(" = ", 1)[1]
+        elif line.name.startswith("Stream"):
+          for ev in line.events:
+            streams[ev.name][0] += 1
+            streams[ev.name][1] += ev.duration_ns
     return dict(ops or streams), dict(modules), "gpu"
   for pl in pd.planes:
     if pl.name != "/host:CPU":
@@ -165,11 +187,14 @@ def summarize(args) -> str:
     raise SystemExit(f"{args.trace}: no *.xplane.pb file (a --profile DIR from a benchmark?)")
   out = []
   for path in paths:
-    ops, modules, platform = load_events(path)
+    texts: dict = {}
+    ops, modules, platform = load_events(path, texts)
     if not ops:
       out.append(f"{path}: no XLA op events")
       continue
     hlo, hlo_path = load_hlo(args.hlo, ops, args.module) if args.hlo else ({}, "")
+    hlo = {**texts, **hlo}  # the dump first; else what the trace carries
+    hlo_path = hlo_path or ("the trace's own op texts" if texts else "")
     total = sum(t for _, t in ops.values())
     out.append(f"trace {path} ({platform}); HLO {hlo_path or 'not given'}")
     if modules:

@@ -182,3 +182,35 @@ def test_profile_ops_sums_a_traced_step_per_op_with_its_hlo(tmp_path):
     assert re.search(rf"^\| {re.escape(src)} \| [\d.]+ \| [\d.]+% \|$", out, re.M), out
   op_rows = re.findall(r"^\| (\S+) \| matmul \| (\d+) \|", out, re.M)
   assert op_rows and all(int(n) % 2 == 0 for _, n in op_rows), out  # once per traced step
+
+
+def test_profile_ops_reads_a_gpu_device_plane(tmp_path):
+  """The GPU branch on a hand-made trace (no GPU here): a device plane's "XLA Modules" and
+  "XLA Ops" lines, one op named by its whole HLO instruction (as some backends name them)."""
+  from jax.profiler import ProfileData
+
+  gemm = (
+    '%cublas-gemm.1 = bf16[8,8]{1,0} custom-call(%a, %b), custom_call_target=\\"__cublas$gemm\\", '
+    'metadata={op_name=\\"jit(step)/layer_3/mlp/up/dot_general\\"}'
+  )
+  text = f"""
+  planes {{ id: 1 name: "/device:GPU:0"
+    lines {{ id: 1 name: "XLA Modules" timestamp_ns: 0
+      events {{ metadata_id: 1 offset_ps: 0 duration_ps: 1000000000 }} }}
+    lines {{ id: 2 name: "XLA Ops" timestamp_ns: 0
+      events {{ metadata_id: 2 offset_ps: 0 duration_ps: 300000000 }}
+      events {{ metadata_id: 3 offset_ps: 300000000 duration_ps: 500000000 }}
+      events {{ metadata_id: 2 offset_ps: 800000000 duration_ps: 100000000 }} }}
+    event_metadata {{ key: 1 value {{ id: 1 name: "jit_step(7)" }} }}
+    event_metadata {{ key: 2 value {{ id: 2 name: "{gemm}" }} }}
+    event_metadata {{ key: 3 value {{ id: 3 name: "loop_fusion.2" }} }}
+  }}"""
+  (tmp_path / "gpu.xplane.pb").write_bytes(ProfileData.text_proto_to_serialized_xspace(text))
+  out = _bench("profile_ops", str(tmp_path))
+  assert "(gpu)" in out and "HLO the trace's own op texts" in out, out
+  assert "ops sum to 0.90 ms = 90% of the executables' 1.00 ms" in out, out
+  assert "| matmul (cuBLAS) | 0.40 | 44.4% |" in out, out
+  assert "| elementwise fusion | 0.50 | 55.6% |" in out, out
+  assert "| mlp/up/dot_general | 0.40 | 44.4% |" in out, out  # from the event's own text
+  row = "| cublas-gemm.1 | matmul (cuBLAS) | 2 | 0.40 | 200.0 | 44.4% | bf16[8,8]{1,0} __cublas"
+  assert row in out, out
