@@ -48,10 +48,12 @@ sys.path.insert(0, ROOT)
 from benchlib import (  # noqa: E402
   add_profile_flag,
   add_rounds_flag,
+  exit_if_failed,
   forward_args,
   print_result,
   profile_runs,
   run_side,
+  side_or_none,
 )
 
 # The CPU default: a small Llama shape where neither side is dominated by start-up.
@@ -343,23 +345,12 @@ def main(argv=None):
   cfg = model_config(args)
 
   # Alternate the sides round by round, so that a slow spell of the machine hits both.
-  def side(name, i):
-    # Printed as each side finishes, so a later side's failure or a time limit keeps it.
-    try:
-      r = child(args, name)
-    except SystemExit as e:
-      print(f"round {i + 1}: side {name} FAILED: {e}", flush=True)
-      return None
-    summary = {k: v for k, v in r.items() if k != "loops"}
-    print(f"round {i + 1}: side {name}: {summary}", flush=True)
-    for k, v in r.get("loops", {}).items():
-      print(f"round {i + 1}: side {name}, {k} loop: {v}", flush=True)
-    return r
-
-  rounds = [(side("ours", i), side("hf", i)) for i in range(args.rounds)]
-  failed = sorted({n for r in rounds for n, x in zip(("ours", "hf"), r, strict=True) if x is None})
-  if failed:
-    sys.exit(f"side(s) failed: {', '.join(failed)} (their output is above)")
+  rounds = [
+    {n: side_or_none(i, n, lambda n=n: child(args, n)) for n in ("ours", "hf")}
+    for i in range(args.rounds)
+  ]
+  exit_if_failed(rounds)
+  rounds = [(r["ours"], r["hf"]) for r in rounds]
   rated = [(rates(o, args), rates(h, args)) for o, h in rounds]
   (ours, hf), (ro, rh) = rounds[0], rated[0]
   print(

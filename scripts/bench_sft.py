@@ -34,10 +34,12 @@ import numpy as np  # noqa: E402
 from benchlib import (  # noqa: E402
   add_profile_flag,
   add_rounds_flag,
+  exit_if_failed,
   forward_args,
   print_result,
   profile_runs,
   run_side,
+  side_or_none,
 )
 
 from critic_jax.hostmem import keep_freed_memory  # noqa: E402
@@ -164,9 +166,10 @@ def bench_jax(args, cfg):
 
     sync = lambda: jax.block_until_ready(box["metrics"])  # noqa: E731
     dt = time_steps(run, sync, args.warmup, args.steps)
+    loss = float(box["metrics"]["loss"])  # read before any traced steps: the step it reports
     if args.profile:
       profile_runs(args.profile, run, sync, args.profile_runs)
-  return dt, compile_s, float(box["metrics"]["loss"])
+  return dt, compile_s, loss
 
 
 def bench_torch(args, cfg, autocast=False):
@@ -237,22 +240,14 @@ def main():
   flops_all = flops + 6 * (cfg.num_params() - cfg.num_params(include_embeddings=False)) * tokens
 
   def side(name, i):
-    # Printed as each side finishes, so a later side's failure or a time limit keeps it.
-    try:
-      r = run_side(__file__, name, forward_args(args, skip=SKIP), timeout=args.timeout)
-    except SystemExit as e:
-      print(f"round {i + 1}: side {name} FAILED: {e}", flush=True)
-      return None
-    print(f"round {i + 1}: side {name}: {r}", flush=True)
-    return r
+    argv = forward_args(args, skip=SKIP)
+    return side_or_none(i, name, lambda: run_side(__file__, name, argv, timeout=args.timeout))
 
   # Alternate the sides round by round, so that a slow spell of the machine hits both.
   names = ["jax"] + (["torch"] if args.torch else [])
   names += ["autocast"] if args.torch and args.dtype == "bfloat16" and args.autocast else []
   rounds = [{n: side(n, i) for n in names} for i in range(args.rounds)]
-  failed = sorted({n for r in rounds for n in names if r[n] is None})
-  if failed:
-    sys.exit(f"side(s) failed: {', '.join(failed)} (their output is above)")
+  exit_if_failed(rounds)
   ours = rounds[0]["jax"]
   peak = args.peak_tflops
   if peak is None:

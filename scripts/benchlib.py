@@ -16,8 +16,8 @@ import subprocess
 import sys
 
 __all__ = [
-  "RESULT_PREFIX", "add_profile_flag", "add_rounds_flag", "forward_args", "print_result",
-  "profile_runs", "run_side",
+  "RESULT_PREFIX", "add_profile_flag", "add_rounds_flag", "exit_if_failed", "forward_args",
+  "print_result", "profile_runs", "run_side", "side_or_none",
 ]  # fmt: skip
 
 RESULT_PREFIX = "RESULT "
@@ -98,3 +98,29 @@ def run_side(
     sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
     raise SystemExit(f"the {side} side failed (exit {proc.returncode})")
   return json.loads(lines[-1][len(RESULT_PREFIX) :])
+
+
+def side_or_none(i: int, name: str, run) -> dict | None:
+  """Round `i`'s side `name`: `run()` (a `run_side` call) -> its result, printed at once, so
+  a later side's failure or an outer time limit keeps it ("loops", if any, a line each).
+
+  A side that fails (`run_side` raises SystemExit) is named and gives None; the caller runs
+  the other sides and then calls `exit_if_failed`.
+  """
+  try:
+    r = run()
+  except SystemExit as e:
+    print(f"round {i + 1}: side {name} FAILED: {e}", flush=True)
+    return None
+  print(f"round {i + 1}: side {name}: { {k: v for k, v in r.items() if k != 'loops'} }")
+  for k, v in r.get("loops", {}).items():
+    print(f"round {i + 1}: side {name}, {k} loop: {v}")
+  sys.stdout.flush()
+  return r
+
+
+def exit_if_failed(rounds: list[dict]) -> None:
+  """Exits non-zero naming the sides (`{name: result or None}` per round) that failed."""
+  failed = sorted({n for r in rounds for n, x in r.items() if x is None})
+  if failed:
+    sys.exit(f"side(s) failed: {', '.join(failed)} (their output is above)")

@@ -117,7 +117,9 @@ for phase in "${phases[@]}"; do
         f=$(find "$prof/$what" -name '*.xplane.pb' -size -16M | head -n 1)
         [[ -n "$f" ]] && cp "$f" "$out/profile_$what.xplane.pb"
       done
-      rm -f "$out/profile_sft.log" "$out/profile_sampler.log"  # the op tables say it all
+      for name in profile_sft profile_sampler; do  # the tables say it all, unless it failed
+        [[ " ${failed[*]} " == *" $name "* ]] || rm -f "$out/$name.log"
+      done
       log "profile: tables in profile.log" ;;
     sftnoremat)  # our side alone without rematerialisation (not in the default run)
       run_phase sftnoremat 120 "$py" scripts/bench_sft.py --preset $preset "${sft_shape[@]}" \

@@ -5,6 +5,7 @@ process, and that its report has every line a reader (or a GPU session with minu
 spare) relies on.
 """
 
+import json
 import os
 import re
 import subprocess
@@ -171,6 +172,12 @@ def test_profile_ops_sums_a_traced_step_per_op_with_its_hlo(tmp_path):
   ]  # fmt: skip
   p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
   assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+  # The traced steps come after the timed ones: the reported loss is still the timed step's.
+  plain = _bench("bench_sft", *cmd[2:-4])
+  pre = benchlib.RESULT_PREFIX
+  lines = (p.stdout + plain).splitlines()
+  loss = [json.loads(x[len(pre) :])["loss"] for x in lines if x.startswith(pre)]
+  assert len(loss) == 2 and loss[0] == loss[1], loss
   out = _bench("profile_ops", str(trace), "--hlo", str(hlo), "--top", "50")
   assert "jit_step" in out.splitlines()[0], out  # the dump that names the traced ops
   block = out.split("| category | ms | share |")[1].split("top 50 source ops")[0]
