@@ -25,8 +25,8 @@ time, against `--peak-bw` (3e12 B/s, an H100's HBM3).
 On a shared CPU machine use --threads=1: with two OpenMP threads and other
 processes on the cores, PyTorch's spin-waiting threads can slow `generate` by
 10x or more (measured: 20 s instead of 1.6 s at batch 64), which would flatter
-the ratio. Both sides then run single-threaded ops and the "tok per CPU-s"
-column compares the work done.
+the ratio. Each side then pins itself to one core (the first it may use) and runs
+single-threaded ops, and the "tok per CPU-s" column compares the work done.
 
 Targets (issue): >= 3x `generate` on the CPU; on an H100 with llama_0.9b in
 bf16, >= 20x at batch 64 and >= 50% of the roofline at batch 256.
@@ -101,7 +101,7 @@ def parse_args(argv=None):
     type=int,
     default=0,
     choices=(0, 1),
-    help="1: single-threaded CPU ops on both sides (robust on a shared machine)",
+    help="1: each side on one core, single-threaded (robust on a shared machine)",
   )
   p.add_argument("--side", default="both", choices=("both", "ours", "hf"))
   p.add_argument("--timeout", type=float, default=1200.0, help="per side, seconds")
@@ -312,10 +312,8 @@ def run_hf(args) -> dict:
 # --- driver -------------------------------------------------------------------------
 def child(args, side: str) -> dict:
   env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
-  if args.threads == 1:
-    flags = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-    env.update(XLA_FLAGS=f"{env.get('XLA_FLAGS', '')} {flags}".strip(), OMP_NUM_THREADS="1",
-               MKL_NUM_THREADS="1")  # fmt: skip
+  if args.threads == 1:  # and the side pins itself to one core (`one_core`)
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
   return run_side(__file__, side, forward_args(args), env=env, timeout=args.timeout)
 
 
@@ -333,13 +331,31 @@ def rates(r: dict, args) -> dict:
   )
 
 
+def one_core() -> int:
+  """Pins this process to one core (the first it may use), before JAX or PyTorch start.
+
+  XLA:CPU sizes its thread pools (YNNPACK's matmuls included) from the cores the process may
+  run on, so this is what makes its ops single-threaded; XLA flags such as
+  `--xla_cpu_multi_thread_eigen=false` leave the matmuls on two threads (measured: CPU time
+  1.6x the wall time with them, 1.0x pinned). PyTorch gets `torch.set_num_threads(1)` too.
+  """
+  if not hasattr(os, "sched_setaffinity"):
+    raise SystemExit("--threads=1 pins each side to one core, which needs Linux")
+  core = min(os.sched_getaffinity(0))
+  os.sched_setaffinity(0, {core})
+  return core
+
+
 def main(argv=None):
   args = parse_args(argv)
   from critic_jax.hostmem import keep_freed_memory
 
   keep_freed_memory()  # in each side's child process (both sides get it)
   if args.side != "both":
+    if args.threads == 1:
+      one_core()
     res = run_ours(args) if args.side == "ours" else run_hf(args)
+    res["cores"] = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     print_result(res)
     return
   cfg = model_config(args)
@@ -391,7 +407,9 @@ def main(argv=None):
       f"total ratio over {args.rounds} rounds: median {statistics.median(totals):.1f}x, "
       f"range {min(totals):.1f}-{max(totals):.1f}x ({each})"
     )
-  print(f"threads: {'1 (single-threaded ops)' if args.threads == 1 else 'framework default'}")
+  cores = f"cores each side may use: ours {ours.get('cores')}, transformers {hf.get('cores')}"
+  threads = "1 (single-threaded ops)" if args.threads == 1 else "framework default"
+  print(f"threads: {threads}; {cores}")
   if ours["platform"] == "gpu":
     needed, read = kv_bytes_per_step(cfg, args, ours["itemsize"])
     step_s = ro["step_ms"] / 1e3

@@ -98,6 +98,18 @@ def test_bench_sampler_runs_both_sides_and_reports_the_ratio():
   assert re.search(r"total ratio over 2 rounds: median [\d.]+x, range [\d.]+-[\d.]+x \(", out)
 
 
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="pinning needs Linux")
+def test_bench_sampler_threads_1_puts_each_side_on_one_core():
+  """--threads=1 means one core per side: XLA flags alone left XLA:CPU's matmuls on two
+  threads (our side then used 1.6 CPU-seconds per second against PyTorch's one)."""
+  out = _bench(
+    "bench_sampler", "--preset", "tiny", "--batch", "2", "--prompt-len", "8",
+    "--new-tokens", "4", "--repeats", "1", "--loop", "device", "--threads", "1",
+  )  # fmt: skip
+  assert "cores each side may use: ours 1, transformers 1" in out, out
+  assert "threads: 1 (single-threaded ops)" in out, out
+
+
 def test_run_side_returns_the_result_and_names_a_failed_side(tmp_path):
   script = tmp_path / "side.py"
   scripts = os.path.join(ROOT, "scripts")
