@@ -1,7 +1,7 @@
 """Sampler throughput: critic_jax's `Sampler` vs transformers `generate` (PyTorch), one run.
 
     python scripts/bench_sampler.py --loop=both              # CPU default (small Llama shape)
-    python scripts/bench_sampler.py --loop=both --threads=1  # single-threaded ops on both sides
+    python scripts/bench_sampler.py --loop=both --threads=1  # each side on one core
     # GPU cases of the issue (run on an H100 on 2026-11-27: README, "On a GPU"):
     python scripts/bench_sampler.py --preset=llama_0.9b --dtype=bfloat16 --batch=64 \
         --prompt-len=128 --new-tokens=256 --kv-chunk=64 --repeats=2
@@ -331,7 +331,7 @@ def rates(r: dict, args) -> dict:
   )
 
 
-def one_core() -> int:
+def one_core() -> None:
   """Pins this process to one core (the first it may use), before JAX or PyTorch start.
 
   XLA:CPU sizes its thread pools (YNNPACK's matmuls included) from the cores the process may
@@ -341,9 +341,7 @@ def one_core() -> int:
   """
   if not hasattr(os, "sched_setaffinity"):
     raise SystemExit("--threads=1 pins each side to one core, which needs Linux")
-  core = min(os.sched_getaffinity(0))
-  os.sched_setaffinity(0, {core})
-  return core
+  os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 
 
 def main(argv=None):
