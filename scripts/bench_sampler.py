@@ -75,7 +75,11 @@ def parse_args(argv=None):
     default=1,
     help="G samples per prompt (transformers: num_return_sequences)",
   )
-  p.add_argument("--kv-chunk", type=int, default=0, help="generated-KV chunk (0: one chunk)")
+  p.add_argument(
+    "--kv-chunk", type=int, default=0,
+    help="generated-KV chunk in slots (0: the sampler's default, GenerationConfig.kv_chunk "
+    "'auto': chunks of about sqrt(8 T) slots on a CPU, one chunk on a GPU)",
+  )  # fmt: skip
   p.add_argument(
     "--loop",
     default="auto",
@@ -129,18 +133,17 @@ def model_config(args, platform: str = "cpu"):
   )  # fmt: skip
 
 
-def kv_bytes_per_step(cfg, args, itemsize: int) -> tuple[float, float]:
+def kv_bytes_per_step(cfg, args, itemsize: int, chunk: int) -> tuple[float, float]:
   """(needed, read) KV-cache bytes per decode step, averaged over the steps.
 
   needed: prompt + tokens generated so far; read: what our step attends (whole
-  chunks), with the prompt read once per prompt (shared by its G samples).
+  chunks of `chunk` slots), with the prompt read once per prompt (shared by its G samples).
   """
   n = args.new_tokens
   per_tok = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.resolved_head_dim * itemsize
   b, g = args.batch, args.num_samples
   steps = range(1, n)
   needed = statistics.mean(b * g * (args.prompt_len + s) * per_tok for s in steps)
-  chunk = args.kv_chunk or max(n - 1, 1)
   read = statistics.mean(
     (b * args.prompt_len + b * g * ((s - 1) // chunk + 1) * chunk) * per_tok for s in steps
   )
@@ -173,7 +176,7 @@ def run_ours(args) -> dict:
   lengths = np.full((args.batch,), args.prompt_len, np.int32)
   gen = GenerationConfig(
     max_new_tokens=args.new_tokens, sampling=SamplingConfig("temperature", temperature=1.0),
-    kv_chunk=args.kv_chunk or None,
+    kv_chunk=args.kv_chunk or "auto",
   )  # fmt: skip
   loops = ("host", "device") if args.loop == "both" else (args.loop,)
   if args.loop == "auto":
@@ -234,7 +237,7 @@ def run_ours(args) -> dict:
     side="critic_jax", loop=best, loops=results, device=dev.device_kind, platform=dev.platform,
     params=n_params, weight_bytes=weight_bytes, peak_bytes=peak,
     peak_kind="device allocator peak" if stats else "process peak RSS",
-    itemsize=jnp.dtype(cfg.compute_dtype).itemsize,
+    itemsize=jnp.dtype(cfg.compute_dtype).itemsize, kv_chunk=gen.chunk_size,
   )  # fmt: skip
   return out
 
@@ -371,7 +374,8 @@ def main(argv=None):
     f"model: {args.preset or 'cpu-default'} {cfg.num_layers}L d{cfg.d_model} "
     f"{cfg.num_heads}h/{cfg.num_kv_heads}kv V{cfg.vocab_size}, {ours['params'] / 1e6:.1f}M params, "
     f"{args.dtype}; batch {args.batch} x {args.num_samples} samples, prompt {args.prompt_len}, "
-    f"{args.new_tokens} new tokens; device: {ours['device']} / {hf['device']}"
+    f"{args.new_tokens} new tokens (our KV chunk: {ours.get('kv_chunk')} slots); "
+    f"device: {ours['device']} / {hf['device']}"
   )
   loops = ", ".join(
     f"{k} loop {1e3 * v['total_s']:.1f} ms (CPU {1e3 * v['cpu_s']:.1f} ms)"
@@ -409,7 +413,7 @@ def main(argv=None):
   threads = "1 (single-threaded ops)" if args.threads == 1 else "framework default"
   print(f"threads: {threads}; {cores}")
   if ours["platform"] == "gpu":
-    needed, read = kv_bytes_per_step(cfg, args, ours["itemsize"])
+    needed, read = kv_bytes_per_step(cfg, args, ours["itemsize"], ours["kv_chunk"])
     step_s = ro["step_ms"] / 1e3
     for label, kv in (("needed (weights + filled KV)", needed), ("read (whole chunks)", read)):
       by = ours["weight_bytes"] + kv

@@ -41,7 +41,10 @@ def parse_args(argv=None):
   p.add_argument("--top-p", type=float, default=1.0)
   p.add_argument("--min-p", type=float, default=0.0)
   p.add_argument("--batch-size", type=int, default=64, help="prompts per device batch")
-  p.add_argument("--kv-chunk", type=int, default=0, help="generated-KV chunk (0: one chunk)")
+  p.add_argument(
+    "--kv-chunk", type=int, default=0,
+    help="generated-KV chunk in slots (0: GenerationConfig's 'auto')",
+  )  # fmt: skip
   p.add_argument("--dtype", default="", help="compute dtype override (float32|bfloat16)")
   p.add_argument("--mesh", default="data=-1", help="e.g. data=2,fsdp=2,tensor=2")
   p.add_argument("--seed", type=int, default=0)
@@ -179,7 +182,7 @@ def main(argv=None):
   )  # fmt: skip
   gen = GenerationConfig(
     max_new_tokens=args.max_new_tokens, sampling=sampling, stop_tokens=(tokenizer.eos_id,),
-    pad_id=tokenizer.pad_id, vocab_limit=tokenizer.vocab_size, kv_chunk=args.kv_chunk or None,
+    pad_id=tokenizer.pad_id, vocab_limit=tokenizer.vocab_size, kv_chunk=args.kv_chunk or "auto",
   )  # fmt: skip
   sampler = Sampler(Transformer(mcfg), gen, mesh=mesh, rules=rules)
   pool = RewardPool(verifier, timeout_s=args.verifier_timeout) if verifier else None

@@ -24,6 +24,7 @@ from critic_jax.sampler import (
   sample_tokens,
   shard_params,
 )
+from critic_jax.sampler.generate import auto_kv_chunk
 from critic_jax.sampler.sampling import inverse_cdf_draw, processing_is_identity, row_keys
 
 TOK = CharTokenizer()  # 100 ids; the model's vocabulary (128) is padded past it
@@ -261,12 +262,17 @@ def test_attend_equals_attention_over_concatenated_segments(t):
 
 
 @pytest.mark.parametrize(
-  "family", ["tiny_gpt2", "tiny_qwen3", "window"], ids=["gpt2", "qwen3_gqa", "sliding_window"]
-)
-def test_decode_context_matches_full_forward(family):
+  "family,merged",
+  [("tiny_gpt2", False), ("tiny_qwen3", False), ("window", False), ("tiny_qwen3", True),
+   ("window", True)],
+  ids=["gpt2", "qwen3_gqa", "sliding_window", "qwen3_gqa_merged", "sliding_window_merged"],
+)  # fmt: skip
+def test_decode_context_matches_full_forward(family, merged):
   """Prefill + one-token decode calls over a `DecodeContext` (two cache chunks,
   prompts of different lengths) give the full forward's logits, for learned
-  positions (GPT-2), q/k norm with grouped kv heads (Qwen3) and a sliding window."""
+  positions (GPT-2), q/k norm with grouped kv heads (Qwen3) and a sliding window;
+  `merged`: the prompt's keys/values sit in the first slots of chunk 0 instead of a
+  separate prefix."""
   if family == "window":
     cfg = ModelConfig.preset("tiny", vocab_size=128, d_model=32, mlp_dim=64, sliding_window=3)
   else:
@@ -283,11 +289,16 @@ def test_decode_context_matches_full_forward(family):
     prompts = jnp.where(jnp.arange(6)[None] < lengths[:, None], tokens[:, :6], 0)
     seg = (jnp.arange(6)[None] < lengths[:, None]).astype(jnp.int32)
     out = model.apply({"params": params}, prompts, segment_ids=seg, return_kv=True)
+    k = [[jnp.zeros((2, cfg.num_kv_heads, 8, chunk))] * 2 for _ in range(cfg.num_layers)]
+    v = [[jnp.zeros((2, cfg.num_kv_heads, chunk, 8))] * 2 for _ in range(cfg.num_layers)]
+    if merged:  # chunk 0 = [6 prompt slots | 2 generated slots]
+      for i in range(cfg.num_layers):
+        k[i][0] = jnp.concatenate([out.kv.k[i], k[i][0]], axis=3)
+        v[i][0] = jnp.concatenate([out.kv.v[i], v[i][0]], axis=2)
     ctx = DecodeContext(
-      prefix_k=tuple(out.kv.k), prefix_v=tuple(out.kv.v), prefix_len=lengths,
-      k=tuple((jnp.zeros((2, cfg.num_kv_heads, 8, chunk)),) * 2 for _ in range(cfg.num_layers)),
-      v=tuple((jnp.zeros((2, cfg.num_kv_heads, chunk, 8)),) * 2 for _ in range(cfg.num_layers)),
-      num_generated=jnp.zeros((), jnp.int32),
+      prefix_k=() if merged else tuple(out.kv.k), prefix_v=() if merged else tuple(out.kv.v),
+      prefix_len=lengths, k=tuple(map(tuple, k)), v=tuple(map(tuple, v)),
+      num_generated=jnp.zeros((), jnp.int32), prompt_slots=6 if merged else 0,
     )  # fmt: skip
     got, want = [], []
     for i in range(steps):
@@ -418,6 +429,49 @@ def test_stop_tokens_chunks_and_early_exit(tiny, prompts, sampler):
     assert np.all(out.tokens[r, f + 1 :] == TOK.pad_id)
     assert out.mask[r, : f + 1].all() and not out.mask[r, f + 1 :].any()
     assert np.all(out.logprobs[r, f + 1 :] == 0) and np.all(out.processed_logprobs[r, f + 1 :] == 0)
+
+
+def test_merged_prompt_equals_separate_prefix(tiny, prompts, sampler):
+  """With G = 1 the prompt's keys/values sit at the front of generated chunk 0 (the
+  default, `merge_prompt`): the same samples and log-probs as a separate prefix segment,
+  with the host loop and with the device loop over several chunks; G > 1 keeps the
+  shared prefix."""
+  model, params = tiny
+  key = jax.random.key(11)
+  base = sampler.generate(params, *prompts, key)
+  kw = dict(sampling=TOP_P, processed_logprobs=True)
+  separate = Sampler(model, _gen(merge_prompt=False, **kw), batch_multiple=8, loop="host")
+  chunked = Sampler(model, _gen(kv_chunk=4, **kw), batch_multiple=8, loop="device")
+  for other in (separate, chunked):
+    out = other.generate(params, *prompts, key)
+    np.testing.assert_array_equal(out.tokens, base.tokens)
+    np.testing.assert_allclose(out.logprobs, base.logprobs, atol=1e-6)
+    np.testing.assert_allclose(out.processed_logprobs, base.processed_logprobs, atol=1e-6)
+  # The merged state: no prefix, chunk 0 holds the P prompt slots then its generated ones.
+  dparams = sampler.decode_params(params)
+  args = (jnp.zeros((8, 16), jnp.int32), jnp.ones((8,), jnp.int32), jnp.arange(8), key)
+  merged = jax.eval_shape(sampler._init_fn(1), dparams, *args).context
+  assert merged.prefix_k == () and merged.prompt_slots == 16
+  assert merged.k[0][0].shape == (8, CFG.num_kv_heads, CFG.resolved_head_dim, 16 + T - 1)
+  assert merged.v[0][0].shape == (8, CFG.num_kv_heads, 16 + T - 1, CFG.resolved_head_dim)
+  group = jax.eval_shape(sampler._init_fn(2), dparams, *args).context
+  assert group.prompt_slots == 0 and group.prefix_k[0].shape[0] == 8
+
+
+def test_auto_kv_chunk():
+  """ "auto" chunks on a CPU: about sqrt(8 * slots) rounded up to 32, at most 8 chunks;
+  bad values raise."""
+  assert [auto_kv_chunk(n) for n in (1, 9, 32, 33, 63, 127, 255, 1023, 4095)] == [
+    1, 9, 32, 32, 32, 32, 64, 128, 512,
+  ]  # fmt: skip
+  assert jax.default_backend() == "cpu"
+  assert GenerationConfig(max_new_tokens=64).chunk_size == 32  # "auto" is the default
+  assert GenerationConfig(max_new_tokens=64).num_chunks == 2
+  assert GenerationConfig(max_new_tokens=64, kv_chunk=None).num_chunks == 1
+  assert GenerationConfig(max_new_tokens=64, kv_chunk=100).chunk_size == 63
+  for bad in ("big", 0, -3, 2.5):
+    with pytest.raises(ValueError, match="kv_chunk must be"):
+      GenerationConfig(max_new_tokens=8, kv_chunk=bad)
 
 
 def test_rng_determinism_and_no_recompile(tiny, prompts, sampler):
