@@ -95,7 +95,11 @@ def _mm_bwd(res, g):
   if x.shape[1] <= g.shape[1]:
     dw = _mm(_t(x), g)
   else:
-    dw = jnp.transpose(_mm(_t(g), x))
+    # The barrier keeps XLA from folding the transpose of the small [N, K] product into the
+    # dot: XLA:CPU runs the folded dot (a [K, N] output from rows of g and x) on its generic
+    # path at half the speed (one core, main job's SwiGLU down-projection: 3.7 against
+    # 1.9 ms); measured on two cores, main job's model in float32: steps 1.7% faster.
+    dw = jnp.transpose(jax.lax.optimization_barrier(_mm(_t(g), x)))
   return dx, dw.astype(w.dtype)
 
 
