@@ -547,6 +547,11 @@ def test_sharded_equals_single_device(tiny, prompts, sampler):
   np.testing.assert_array_equal(out.tokens, ref.tokens)
   np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-5)
   np.testing.assert_allclose(out.processed_logprobs, ref.processed_logprobs, atol=1e-5)
+  # G = 1: the prompt sits in generated chunk 0 (merge_prompt), sharded the same way.
+  out1 = on_mesh.generate(sharded, wide, lengths, jax.random.key(6))
+  ref1 = sampler.generate(params, tokens, lengths, jax.random.key(6))
+  np.testing.assert_array_equal(out1.tokens, ref1.tokens)
+  np.testing.assert_allclose(out1.logprobs, ref1.logprobs, atol=1e-5)
   # The caches really are split: rows over the batch axes, kv heads over "tensor".
   # The fused decode kernels keep training's split: kv heads (and the MLP) over "tensor".
   fused = on_mesh.decode_params(sharded)
@@ -564,6 +569,14 @@ def test_sharded_equals_single_device(tiny, prompts, sampler):
   assert state.context.prefix_k[0].sharding.is_equivalent_to(want, 4)
   assert state.context.k[1][0].sharding.is_equivalent_to(want, 4)
   assert state.tokens.sharding.is_equivalent_to(NamedSharding(mesh, P(("data", "fsdp"))), 2)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
+    merged = on_mesh._init_fn(1)(
+      fused, on_mesh._put(np.full((b, p), 5, np.int32)), on_mesh._put(np.full((b,), 3, np.int32)),
+      on_mesh._put(np.arange(b, dtype=np.int32)), jax.random.key(0),
+    )  # fmt: skip
+  assert merged.context.prompt_slots == p and merged.context.k[0][0].shape[3] == p + T - 1
+  assert merged.context.k[0][0].sharding.is_equivalent_to(want, 4)
+  assert merged.context.v[1][0].sharding.is_equivalent_to(want, 4)
 
 
 def test_bad_inputs_raise(tiny, sampler):
