@@ -469,7 +469,7 @@ def test_auto_kv_chunk():
   assert GenerationConfig(max_new_tokens=64).num_chunks == 2
   assert GenerationConfig(max_new_tokens=64, kv_chunk=None).num_chunks == 1
   assert GenerationConfig(max_new_tokens=64, kv_chunk=100).chunk_size == 63
-  for bad in ("big", 0, -3, 2.5):
+  for bad in ("big", 0, -3, 2.5, True):
     with pytest.raises(ValueError, match="kv_chunk must be"):
       GenerationConfig(max_new_tokens=8, kv_chunk=bad)
 

@@ -84,8 +84,8 @@ class DecodeContext:
 
   With one sample per prompt (B = Bp) the prompt's keys/values can instead sit in
   the first `prompt_slots` slots of chunk 0 (`prompt_slots` > 0, `prefix_k` and
-  `prefix_v` empty): attention then reads one segment fewer per layer, which on a
-  CPU saves a fixed cost per op that outweighs the longer segment.
+  `prefix_v` empty): attention then reads the same slots as one segment instead of
+  two, saving a segment's own small matmuls, mask, max and sum per layer.
 
   Attributes:
     prefix_k: L-tuple of `[Bp, K, H, P]` prompt keys, transposed (P = padded prompt length);
