@@ -144,10 +144,13 @@ def bench_jax(args, cfg):
   tx, sched = make_optimizer(opt, 1000)
   mesh = make_mesh({"data": -1})
   with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
+    t0 = time.perf_counter()
     state, shardings = init_train_state(
       lambda r: model.init(r, jnp.zeros((1, 8), jnp.int32))["params"], tx, jax.random.PRNGKey(0),
       mesh, DEFAULT_RULES,
     )  # fmt: skip
+    jax.block_until_ready(state)
+    init_s = time.perf_counter() - t0
     step = jax.jit(
       make_train_step(model, tx, sched, "sft", 1, packed=False),
       in_shardings=(shardings, batch_sharding(mesh)), out_shardings=(shardings, None),
@@ -169,7 +172,7 @@ def bench_jax(args, cfg):
     loss = float(box["metrics"]["loss"])  # read before any traced steps: the step it reports
     if args.profile:
       profile_runs(args.profile, run, sync, args.profile_runs)
-  return dt, compile_s, loss
+  return dt, compile_s, loss, init_s
 
 
 def bench_torch(args, cfg, autocast=False):
@@ -217,10 +220,10 @@ def run_side_here(args) -> dict:
   keep_freed_memory()
   cfg = model_config(args)
   if args.side == "jax":
-    dt, compile_s, loss = bench_jax(args, cfg)
+    dt, compile_s, loss, init_s = bench_jax(args, cfg)
     dev = jax.devices()[0]
-    return dict(step_s=dt, compile_s=compile_s, loss=loss, device=dev.device_kind,
-                devices=jax.device_count())  # fmt: skip
+    return dict(step_s=dt, compile_s=compile_s, init_s=init_s, loss=loss,
+                device=dev.device_kind, devices=jax.device_count())  # fmt: skip
   import torch
 
   dt, loss = bench_torch(args, cfg, autocast=args.side == "autocast")
@@ -276,7 +279,10 @@ def main():
     if args.rounds > 1:
       print(f"round {i + 1} of {args.rounds}:")
     j = r["jax"]
-    print(f"critic_jax compile + first step {j['compile_s']:.1f} s")
+    print(
+      f"critic_jax compile + first step {j['compile_s']:.1f} s (state initialised in "
+      f"{j['init_s']:.1f} s; process {j['process_s']:.0f} s)"
+    )
     for n in names:
       line(labels[n], r[n]["step_s"], r[n].get("loss"))
     if args.torch:  # bfloat16: the ratio is to the faster PyTorch loop

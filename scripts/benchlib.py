@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 __all__ = [
   "RESULT_PREFIX", "add_profile_flag", "add_rounds_flag", "exit_if_failed", "forward_args",
@@ -89,6 +90,7 @@ def run_side(
   """
   cmd = [sys.executable, os.path.abspath(script), "--side", side, *argv]
   env = dict(os.environ if env is None else env, TOKENIZERS_PARALLELISM="false")
+  t0 = time.perf_counter()
   try:
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
   except subprocess.TimeoutExpired as e:
@@ -97,7 +99,9 @@ def run_side(
   if proc.returncode or not lines:
     sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
     raise SystemExit(f"the {side} side failed (exit {proc.returncode})")
-  return json.loads(lines[-1][len(RESULT_PREFIX) :])
+  result = json.loads(lines[-1][len(RESULT_PREFIX) :])
+  result["process_s"] = time.perf_counter() - t0  # the side's whole process: start-up included
+  return result
 
 
 def side_or_none(i: int, name: str, run) -> dict | None:

@@ -6,16 +6,16 @@
 #   # then the device tool: command "bash scripts/device_checks.sh", carry [".whl"],
 #   # timeout_s 600; results (one log per phase, and all.log) come back from $OUT.
 #   bash scripts/device_checks.sh sft         # or some phases: sampler64 sampler256 sft gputests
-#                                             # (and profile, sftnoremat: not in the default run)
+#                                             # (and profile, sftremat: not in the default run)
 #
 # The device machine's image (Python 3.12; ../.library/device/KINDS.md) has jax (CUDA), flax,
 # optax, orbax, transformers, torch, absl-py and PyYAML, but not ml-collections (its
 # pure-Python wheel is carried in .whl/); the benchmarks need nothing else (grain is imported
 # only by the data pipelines). Each phase runs under its own time limit and writes its log as it
-# goes, so a phase that overruns costs only itself. Limits 170 + 200 + 170 + 60 s. Measured on an
-# H100 (2026-11-27, jax 0.11.2): machine start to first log ~30 s, wheels ~10 s, sft (both
-# sides) 126 s, gputests 38 s; our sampler side 20-25 s of compile per loop; `generate` at
-# batch 64 did not finish in the ~80 s its phase had left then (estimate: ~60-90 s).
+# goes, so a phase that overruns costs only itself. Measured on an H100 (2026-11-27/28, jax
+# 0.11.2): machine start to first log ~30 s, wheels ~10 s, sft (both sides) 126 s, gputests
+# 38-43 s; our sampler side 20-27 s of compile per loop; `generate` alone at batch 64, in its
+# own process: 41 s (its first call 18.9 s, then 4.0 s a call).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
@@ -38,7 +38,9 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1  # a phase killed at its limit still leaves what it printed
 phases=("$@")
 # The samplers first: their same-call `generate` ratio is the one GPU figure not yet measured.
-[[ ${#phases[@]} -eq 0 ]] && phases=(sampler64 sampler256 sft gputests)
+# sampler256 last: with start-up the four limits (240 + 170 + 60 + 200 s) pass the device tool's
+# 600 s a call, so it may need a call of its own (`bash scripts/device_checks.sh sampler256`).
+[[ ${#phases[@]} -eq 0 ]] && phases=(sampler64 sft gputests sampler256)
 log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$out/all.log"; }
 
 if ! "$py" -c "import ml_collections" 2>/dev/null; then
@@ -89,22 +91,25 @@ for phase in "${phases[@]}"; do
     gputests)  # cuDNN attention against XLA's on the real kernel (skipped off GPUs)
       run_phase gputests 60 "$py" -m pytest -q -p no:cacheprovider tests/test_gpu.py ;;
     sft)  # issue target: >= 50% MFU (PyTorch + transformers: 36% per ENVIRONMENT.md)
+      # No rematerialisation: 177.2 ms/step against 187.5 with dots_no_batch (H100, 2026-11-28).
       run_phase sft 170 "$py" scripts/bench_sft.py --preset $preset "${sft_shape[@]}" \
-        --dtype bfloat16 --attention $attn --remat dots_no_batch --steps 8 --warmup 2 --torch \
+        --dtype bfloat16 --attention $attn --remat none --steps 8 --warmup 2 --torch \
         --no-autocast ;;
     sampler64)  # issue target: >= 20x generate at batch 64
-      # The device loop: 543.8 ms against the host loop's 585.5 here (H100, one run each).
-      run_phase sampler64 170 "$py" scripts/bench_sampler.py --preset $preset \
+      # The device loop: 543.8 ms against the host loop's 585.5 here (H100, one run each). Our
+      # side's process took ~140 s on 2026-11-28 (params then initialised on the GPU: now on
+      # the CPU, `init_s`), `generate`'s ~45 s.
+      run_phase sampler64 240 "$py" scripts/bench_sampler.py --preset $preset \
         --dtype bfloat16 --batch $b64 "${gen[@]}" --repeats 1 --loop device ;;
     sampler256)  # issue target: >= 50% of the memory-bandwidth roofline at batch 256
       run_phase sampler256 200 "$py" scripts/bench_sampler.py --preset $preset \
-        --dtype bfloat16 --batch $b256 "${gen[@]}" --repeats 1 --loop both ;;
+        --dtype bfloat16 --batch $b256 "${gen[@]}" --repeats 1 --loop device ;;
     profile)  # where our steps' time goes (not in the default run): the op tables in profile.log
       prof=/tmp/critic_jax_profile
       rm -rf "$prof"
       run_phase profile_sft 120 env XLA_FLAGS="--xla_dump_to=$prof/hlo_sft --xla_dump_hlo_as_text" \
         "$py" scripts/bench_sft.py --side jax --preset $preset "${sft_shape[@]}" \
-        --dtype bfloat16 --attention $attn --remat dots_no_batch --steps 2 --warmup 1 \
+        --dtype bfloat16 --attention $attn --remat none --steps 2 --warmup 1 \
         --profile "$prof/sft"
       run_phase profile_sampler 120 \
         env XLA_FLAGS="--xla_dump_to=$prof/hlo_sampler --xla_dump_hlo_as_text" \
@@ -121,10 +126,10 @@ for phase in "${phases[@]}"; do
         [[ " ${failed[*]} " == *" $name "* ]] || rm -f "$out/$name.log"
       done
       log "profile: tables in profile.log" ;;
-    sftnoremat)  # our side alone without rematerialisation (not in the default run)
-      run_phase sftnoremat 120 "$py" scripts/bench_sft.py --preset $preset "${sft_shape[@]}" \
-        --dtype bfloat16 --attention $attn --remat none --steps 8 --warmup 2 ;;
-    *) log "unknown phase $phase (known: sampler64 sampler256 sft gputests profile sftnoremat)"; exit 2 ;;
+    sftremat)  # our side alone with dots_no_batch rematerialisation (not in the default run)
+      run_phase sftremat 120 "$py" scripts/bench_sft.py --preset $preset "${sft_shape[@]}" \
+        --dtype bfloat16 --attention $attn --remat dots_no_batch --steps 8 --warmup 2 ;;
+    *) log "unknown phase $phase (known: sampler64 sampler256 sft gputests profile sftremat)"; exit 2 ;;
   esac
 done
 if ((${#failed[@]})); then log "done; failed: ${failed[*]}"; exit 1; fi

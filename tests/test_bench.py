@@ -122,7 +122,9 @@ def test_run_side_returns_the_result_and_names_a_failed_side(tmp_path):
     "  benchlib.print_result({'side': side, 'argv': rest})\n"
   )
   res = benchlib.run_side(str(script), "ok", ["--x", "1"])
+  process_s = res.pop("process_s")  # the child's whole run, start-up included
   assert res == {"side": "ok", "argv": ["--x", "1"]}
+  assert process_s > 0
   with pytest.raises(SystemExit, match="the bad side failed \\(exit 3\\)"):
     benchlib.run_side(str(script), "bad", [])
   with pytest.raises(SystemExit, match="the silent side failed \\(exit 0\\)"):
