@@ -98,11 +98,18 @@ def first_argmax(x: jax.Array) -> jax.Array:
 
   Same result for non-NaN x. XLA:CPU runs argmax's variadic (value, index) reduction as a
   scalar loop: 8.2 ms over [8, 255, 2048] logits on a 2-core CPU against 4.0 ms for these two
-  vectorised reductions. Used by the SFT token accuracy and the sampler's greedy rule.
+  vectorised reductions. The indices are reduced as float32 (exact below 2**24): an int32
+  min over `[B, T, V]` was materialised as an int32 array and reduced by windows (14.4 ms
+  over [8, 256, 2048] on an AMD EPYC, 2 cores; 3.35 ms in float32, which XLA:CPU fuses into
+  one reduction; the whole 4 M-parameter SFT step is unchanged within noise, x0.997 over 40
+  alternating steps: the int32 form probably ran beside the backward pass on the other core).
+  Used by the SFT token accuracy and the sampler's greedy rule.
   """
-  idx = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+  v = x.shape[-1]
+  dtype = jnp.float32 if v < 2**24 else jnp.int32
+  idx = jax.lax.broadcasted_iota(dtype, x.shape, x.ndim - 1)
   hit = x == jnp.max(x, axis=-1, keepdims=True)
-  return jnp.min(jnp.where(hit, idx, x.shape[-1]), axis=-1).astype(jnp.int32)
+  return jnp.min(jnp.where(hit, idx, jnp.asarray(v, dtype)), axis=-1).astype(jnp.int32)
 
 
 def align_to_logits(x: jax.Array) -> jax.Array:
