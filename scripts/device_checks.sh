@@ -98,7 +98,7 @@ for phase in "${phases[@]}"; do
     sampler64)  # issue target: >= 20x generate at batch 64
       # The device loop: 543.8 ms against the host loop's 585.5 here (H100, one run each). Our
       # side's process took ~140 s on 2026-11-28 (params then initialised on the GPU: now on
-      # the CPU, `init_s`), `generate`'s ~45 s.
+      # the CPU, `init_s`), `generate`'s ~45 s; `generate` now runs first in a one-round run.
       run_phase sampler64 240 "$py" scripts/bench_sampler.py --preset $preset \
         --dtype bfloat16 --batch $b64 "${gen[@]}" --repeats 1 --loop device ;;
     sampler256)  # issue target: >= 50% of the memory-bandwidth roofline at batch 256
