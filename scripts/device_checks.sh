@@ -6,7 +6,8 @@
 #   # then the device tool: command "bash scripts/device_checks.sh", carry [".whl"],
 #   # timeout_s 600; results (one log per phase, and all.log) come back from $OUT.
 #   bash scripts/device_checks.sh sft         # or some phases: sampler64 sampler256 sft gputests
-#                                             # (and profile, sftremat: not in the default run)
+#                                             # (and profile, samplerflags, sftremat: not in the
+#                                             # default run)
 #
 # The device machine's image (Python 3.12; ../.library/device/KINDS.md) has jax (CUDA), flax,
 # optax, orbax, transformers, torch, absl-py and PyYAML, but not ml-collections (its
@@ -126,10 +127,20 @@ for phase in "${phases[@]}"; do
         [[ " ${failed[*]} " == *" $name "* ]] || rm -f "$out/$name.log"
       done
       log "profile: tables in profile.log" ;;
+    samplerflags)  # our decode loop alone, default XLA flags then while loops as CUDA graphs
+      # (not in the default run). The batch-64 step is 1.86 ms against a 0.95 ms bandwidth
+      # floor; ~300 small kernels a step would cost that much in launches if the loop body
+      # is not one graph. Not measured yet: this phase compares.
+      for flags in "" "--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL"; do
+        run_phase "samplerflags${flags:+_while}" 120 env XLA_FLAGS="$flags" "$py" \
+          scripts/bench_sampler.py --side ours --preset $preset --dtype bfloat16 --batch $b64 \
+          "${gen[@]}" --repeats 3 --loop device
+      done ;;
     sftremat)  # our side alone with dots_no_batch rematerialisation (not in the default run)
       run_phase sftremat 120 "$py" scripts/bench_sft.py --preset $preset "${sft_shape[@]}" \
         --dtype bfloat16 --attention $attn --remat dots_no_batch --steps 8 --warmup 2 ;;
-    *) log "unknown phase $phase (known: sampler64 sampler256 sft gputests profile sftremat)"; exit 2 ;;
+    *) log "unknown phase $phase (known: sampler64 sampler256 sft gputests profile samplerflags sftremat)"
+       exit 2 ;;
   esac
 done
 if ((${#failed[@]})); then log "done; failed: ${failed[*]}"; exit 1; fi
