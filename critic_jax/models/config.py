@@ -235,7 +235,13 @@ class ModelConfig:
     return total + (emb + pos if include_embeddings else 0)
 
   def flops_per_token(self, seq_len: int) -> float:
-    """Training FLOPs per token (6N plus attention), as in the PaLM MFU definition."""
+    """Training FLOPs per token: 6N (N without the input embedding) plus attention.
+
+    PaLM's MFU definition (Chowdhery et al. 2022, appendix B), 6N + 12 L H Q T, with the
+    attention term halved for the causal mask, which PaLM counts whole: the stricter count
+    (llama_0.9b at 8 x 2048 on an H100, 177.2 ms/step: 49.8% MFU here, 53.6% with PaLM's
+    whole attention term).
+    """
     n = self.num_params(include_embeddings=False)
     attn = 12 * self.num_layers * self.num_heads * self.resolved_head_dim * seq_len / 2
     return 6 * n + attn
