@@ -168,8 +168,9 @@ def run_ours(args) -> dict:
   model = Transformer(cfg)
   t0 = time.perf_counter()
   # Initialised by XLA:CPU and then moved: the same values (threefry is the same on every
-  # backend), and the init's hundreds of one-off random-fill kernels are not compiled for
-  # the accelerator (the H100 runs' JAX sides spent over a minute before their first step).
+  # backend), without compiling the init's one-off random-fill kernels for the accelerator,
+  # the likely cost of the ~100 s our H100 runs spent before their first call (not
+  # profiled; `init_s` will tell).
   with jax.default_device(jax.local_devices(backend="cpu")[0]):
     params = jax.jit(lambda r: nn.unbox(model.init(r, jnp.zeros((1, 8), jnp.int32)))["params"])(
       jax.random.key(0)
