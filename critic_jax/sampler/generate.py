@@ -133,15 +133,10 @@ class GenerationConfig:
       raise ValueError(f"cache_dtype={self.cache_dtype!r} is not one of {CACHE_DTYPES}")
     if self.max_new_tokens < 1:
       raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-    if isinstance(self.kv_chunk, str):
-      if self.kv_chunk != "auto":
-        raise ValueError(f"kv_chunk must be an int >= 1, None or 'auto', got {self.kv_chunk!r}")
-    elif self.kv_chunk is not None and (
-      not isinstance(self.kv_chunk, (int, np.integer))
-      or isinstance(self.kv_chunk, bool)
-      or self.kv_chunk < 1
-    ):
-      raise ValueError(f"kv_chunk must be an int >= 1, None or 'auto', got {self.kv_chunk!r}")
+    c = self.kv_chunk
+    is_count = isinstance(c, (int, np.integer)) and not isinstance(c, bool) and c >= 1
+    if not (c is None or c == "auto" or is_count):
+      raise ValueError(f"kv_chunk must be an int >= 1, None or 'auto', got {c!r}")
     object.__setattr__(self, "stop_tokens", tuple(int(t) for t in self.stop_tokens))
 
   def resolved_cache_dtype(self, compute_dtype) -> jnp.dtype:
