@@ -9,8 +9,18 @@ import numpy as np
 import pytest
 
 from critic_jax.models import ModelConfig, Transformer
+from critic_jax.models import blocked_attention as blocked_module
 from critic_jax.models.attention import causal_mask
 from critic_jax.models.blocked_attention import blocked_attention
+
+
+@pytest.fixture(params=["const_mask", "iota_mask"])
+def causal_from(request, monkeypatch):
+  """Runs a test with the kernel's causal mask as a constant (small blocks, the default
+  at these sizes) and as iotas (what large blocks use)."""
+  if request.param == "iota_mask":
+    monkeypatch.setattr(blocked_module, "_CONST_MASK_MAX", 0)
+  return request.param
 
 
 def _inputs(b, t, n, kh, h, seed=0):
@@ -43,7 +53,7 @@ def _assert_same(got, want, atol):
   ],
   ids=["packed_gqa", "sliding_window", "one_block"],
 )
-def test_blocked_attention_equals_dot_product_attention(case):
+def test_blocked_attention_equals_dot_product_attention(case, causal_from):
   """Packed rows (two segments + padding), GQA, a sliding window, T not a multiple of
   the block: the output and the gradients for q, k, v match `jax.nn` (XLA)."""
   b, t = case["b"], case["t"]
@@ -81,8 +91,8 @@ def test_blocked_attention_at_training_size_with_a_broadcast_cotangent(block):
 
 
 @pytest.mark.parametrize("block", [16, 64], ids=["four_blocks_last_short", "one_block"])
-def test_blocked_attention_without_a_mask_is_causal_attention(block):
-  """mask=None: the causal mask alone, built from iotas inside the kernel, gives
+def test_blocked_attention_without_a_mask_is_causal_attention(block, causal_from):
+  """mask=None: the causal mask alone, built inside the kernel (both ways), gives
   `jax.nn`'s causal attention and gradients (GQA, T not a multiple of the block)."""
   q, k, v, rs = _inputs(3, 50, 4, 2, 8, seed=2)
   cot = jnp.asarray(rs.standard_normal(q.shape), jnp.float32)

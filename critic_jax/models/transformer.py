@@ -433,7 +433,7 @@ class Transformer(nn.Module):
       if fast:
         # One right-padded segment per row (the caller's promise): cuDNN's causal + padding
         # masks (sequence lengths cannot express several segments per row), or the
-        # blocked kernel's causal mask alone, from iotas (exact for every real token).
+        # blocked kernel's own causal mask alone (exact for every real token).
         mask = None
         if impl == "cudnn":
           lengths = jnp.sum(segment_ids != 0, axis=1).astype(jnp.int32)
