@@ -73,16 +73,14 @@ def _mask_block(mask, a, e):
 def _scores(qb, km, a, mask_b):
   """Unscaled float32 logits `[B, K, R, Tb, E]` of queries [a, a + Tb) over keys [0, E).
 
-  Logits of keys after their query (the causal mask: a constant for small blocks, else
-  from iotas, which need no memory)
-  and those `mask_b` (`[B|1, Tb, E]` or None) rejects are set to a large negative.
+  Logits of keys after their query (the causal mask: a numpy constant for small blocks,
+  else from iotas, which need no memory) and those `mask_b` (`[B|1, Tb, E]` or None)
+  rejects are set to a large negative.
   """
   s = jnp.einsum("bkrth,bksh->bkrts", qb, km, preferred_element_type=jnp.float32)
   tb, e = s.shape[-2:]
-  if tb * e <= _CONST_MASK_MAX:
-    keep = jnp.asarray(np.arange(e)[None, :] <= a + np.arange(tb)[:, None])
-  else:
-    keep = jnp.arange(e)[None, :] <= a + jnp.arange(tb)[:, None]
+  xp = np if tb * e <= _CONST_MASK_MAX else jnp
+  keep = xp.arange(e)[None, :] <= a + xp.arange(tb)[:, None]
   if mask_b is not None:
     keep = keep & mask_b[:, None, None]
   return jnp.where(keep, s, jnp.float32(_BIG_NEG))
