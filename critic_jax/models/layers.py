@@ -297,10 +297,15 @@ def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
   and `up` (the two matmuls' outputs, which exist anyway) and recomputes the sigmoid:
   d_up = dh * silu(g), d_gate = dh * u * s * (1 + g * (1 - s)) with s = sigmoid(g).
   Autodiff of the plain formula instead stores sigmoid(g) and silu(g) as well, so
-  XLA writes and reads two more `[B, T, F]` arrays. Measured on the 2-core CPU (main
-  job's model, 128 x 12 tokens, alternating steps in one process): the train step
-  x0.967 in float32 (faster in 53 of 60 pairs), x0.944 in bfloat16 (34 of 40); the
-  4 M-parameter benchmark shape x0.992 (8 of 12).
+  XLA writes and reads two more `[B, T, F]` arrays. XLA's common-subexpression
+  elimination may still merge the backward's sigmoid with the forward's: in the main
+  job's compiled CPU train step it does, in float32 and in bfloat16 compute, so that
+  program keeps sigmoid(g) (float32) for the backward and drops only silu(g). Forcing
+  the recomputation (an optimization barrier on the residuals) measured x1.000 there
+  (15 of 30 pairs). Measured on the 2-core CPU (main job's model, 128 x 12 tokens,
+  alternating steps in one process): the train step x0.967 in float32 (faster in 53 of
+  60 pairs), x0.944 in bfloat16 (34 of 40); the 4 M-parameter benchmark shape x0.992
+  (8 of 12).
   """
   return (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(gate.dtype)
 
