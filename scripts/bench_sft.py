@@ -72,6 +72,10 @@ def parse(argv=None):
     "--matmul-grad", default="auto", choices=["auto", "autodiff", "transpose_smaller"],
     help="model.matmul_grad: how weight-matmul backward passes are built",
   )  # fmt: skip
+  p.add_argument(
+    "--swiglu-recompute", action="store_true",
+    help="model.swiglu_recompute: the backward recomputes SwiGLU's sigmoid (see layers.swiglu)",
+  )  # fmt: skip
   p.add_argument("--torch", action="store_true", help="also run the PyTorch baseline")
   p.add_argument(
     "--no-autocast", dest="autocast", action="store_false",
@@ -111,6 +115,7 @@ def model_config(args) -> ModelConfig:
     remat=args.remat,
     scan_layers=args.scan,
     matmul_grad=args.matmul_grad,
+    swiglu_recompute=args.swiglu_recompute,
   )
 
 
@@ -222,7 +227,8 @@ def run_side_here(args) -> dict:
   if args.side == "jax":
     dt, compile_s, loss, init_s = bench_jax(args, cfg)
     dev = jax.devices()[0]
-    return dict(step_s=dt, compile_s=compile_s, init_s=init_s, loss=loss,
+    peak = (dev.memory_stats() or {}).get("peak_bytes_in_use")  # GPUs; None on the CPU
+    return dict(step_s=dt, compile_s=compile_s, init_s=init_s, loss=loss, peak_bytes=peak,
                 device=dev.device_kind, devices=jax.device_count())  # fmt: skip
   import torch
 
@@ -279,9 +285,10 @@ def main():
     if args.rounds > 1:
       print(f"round {i + 1} of {args.rounds}:")
     j = r["jax"]
+    mem = f"; device peak {j['peak_bytes'] / 2**30:.2f} GiB" if j.get("peak_bytes") else ""
     print(
       f"critic_jax compile + first step {j['compile_s']:.1f} s (state initialised in "
-      f"{j['init_s']:.1f} s; process {j['process_s']:.0f} s)"
+      f"{j['init_s']:.1f} s; process {j['process_s']:.0f} s{mem})"
     )
     for n in names:
       line(labels[n], r[n]["step_s"], r[n].get("loss"))

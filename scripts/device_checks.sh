@@ -6,8 +6,8 @@
 #   # then the device tool: command "bash scripts/device_checks.sh", carry [".whl"],
 #   # timeout_s 600; results (one log per phase, and all.log) come back from $OUT.
 #   bash scripts/device_checks.sh sft         # or some phases: sampler64 sampler256 sft gputests
-#                                             # (and profile, samplerflags, sftremat: not in the
-#                                             # default run)
+#                                             # (and profile, samplerflags, sftremat, sftswiglu:
+#                                             # not in the default run)
 #
 # The device machine's image (Python 3.12; ../.library/device/KINDS.md) has jax (CUDA), flax,
 # optax, orbax, transformers, torch, absl-py and PyYAML, but not ml-collections (its
@@ -139,7 +139,12 @@ for phase in "${phases[@]}"; do
     sftremat)  # our side alone with dots_no_batch rematerialisation (not in the default run)
       run_phase sftremat 120 "$py" scripts/bench_sft.py --preset $preset "${sft_shape[@]}" \
         --dtype bfloat16 --attention $attn --remat dots_no_batch --steps 8 --warmup 2 ;;
-    *) log "unknown phase $phase (known: sampler64 sampler256 sft gputests profile samplerflags sftremat)"
+    sftswiglu)  # our side alone with model.swiglu_recompute (not in the default run): XLA's
+      # CSE otherwise keeps a float32 [B, T, F] sigmoid per layer for the backward (seen in the
+      # CPU HLO); compare its ms/step and device peak with the sft phase's critic_jax line.
+      run_phase sftswiglu 120 "$py" scripts/bench_sft.py --preset $preset "${sft_shape[@]}" \
+        --dtype bfloat16 --attention $attn --remat none --swiglu-recompute --steps 8 --warmup 2 ;;
+    *) log "unknown phase $phase (known: sampler64 sampler256 sft gputests profile samplerflags sftremat sftswiglu)"
        exit 2 ;;
   esac
 done

@@ -163,10 +163,12 @@ def test_device_checks_script_smoke(tmp_path):
   for phase in ("sft", "sampler64", "sampler256"):
     assert f"{phase}: exit 0" in log, log
     assert "ratio" in (tmp_path / f"{phase}.log").read_text()
-  # The optional profile phase: both traced steps summarised, their raw traces returned flat.
-  p = subprocess.run(cmd + ["profile"], capture_output=True, text=True, cwd=ROOT, env=env,
-                     timeout=600)  # fmt: skip
+  # The optional phases: sftswiglu's step, then both profiled steps summarised and their raw
+  # traces returned flat.
+  p = subprocess.run(cmd + ["sftswiglu", "profile"], capture_output=True, text=True, cwd=ROOT,
+                     env=env, timeout=600)  # fmt: skip
   assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+  assert "critic_jax:" in (tmp_path / "sftswiglu.log").read_text()
   table = (tmp_path / "profile.log").read_text()
   assert "jit_step" in table and "jit_generate_on_device" in table, table
   assert (tmp_path / "profile_sft.xplane.pb").exists()

@@ -310,11 +310,12 @@ def test_materialised_transpose():
   np.testing.assert_array_equal(jax.jit(layers._t)(x), x.T)
 
 
+@pytest.mark.parametrize("recompute", [False, True])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_swiglu_custom_vjp_equals_autodiff(dtype):
+def test_swiglu_custom_vjp_equals_autodiff(dtype, recompute):
   """`layers.swiglu` (a custom VJP that recomputes the sigmoid) against autodiff of
   silu(g) * u in float32: the same output and gradients, in the inputs' dtype (gates
-  out to +-12 so the sigmoid saturates)."""
+  out to +-12 so the sigmoid saturates), with and without the optimization barrier."""
   rs = np.random.RandomState(0)
   g, u, w = (rs.standard_normal((4, 6, 40)).astype(np.float32) * s for s in (4.0, 1.0, 1.0))
   g[0, 0, :2] = (12.0, -12.0)
@@ -326,14 +327,39 @@ def test_swiglu_custom_vjp_equals_autodiff(dtype):
   want_v, want_g = grads(lambda g, u: jax.nn.silu(g) * u, jnp.asarray(g), jnp.asarray(u))
   dt = jnp.dtype(dtype)
   gd, ud = jnp.asarray(g, dt), jnp.asarray(u, dt)
-  assert layers.swiglu(gd, ud).dtype == dt
-  got_v, got_g = grads(layers.swiglu, gd, ud)
+  assert layers.swiglu(gd, ud, recompute).dtype == dt
+  got_v, got_g = grads(lambda g, u: layers.swiglu(g, u, recompute), gd, ud)
   tol = 1e-5 if dtype == "float32" else 2e-2
   np.testing.assert_allclose(got_v, want_v, rtol=tol)
   for a, b in zip(got_g, want_g, strict=True):
     assert a.dtype == dt
     scale = float(jnp.max(jnp.abs(b)))
     np.testing.assert_allclose(np.asarray(a, np.float32), b, atol=tol * scale)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_swiglu_recompute_is_not_merged_by_cse(dtype):
+  """Without `recompute` XLA merges the backward's sigmoid with the forward's: the
+  compiled gradient program evaluates one (exp); with it, two (exp forward, tanh
+  backward). The model's `swiglu_recompute` reaches `layers.swiglu`."""
+  x = jnp.ones((16, 8), dtype)
+  w = jnp.linspace(-1.0, 1.0, 16 * 24).reshape(16, 24)
+  params = {k: jnp.full((8, 24), v, dtype) for k, v in (("g", 0.1), ("u", 0.2))}
+
+  def sigmoids(recompute):
+    def loss(p):  # the backward needs no h, only the sigmoid
+      return jnp.sum(layers.swiglu(x @ p["g"], x @ p["u"], recompute).astype(jnp.float32) * w)
+
+    text = jax.jit(jax.value_and_grad(loss)).lower(params).compile().as_text()
+    return text.count("exponential("), text.count("tanh(")
+
+  assert sigmoids(False) == (1, 0)
+  assert sigmoids(True) == (1, 1)
+  tok = _tokens()
+  for flag in (False, True):
+    model, params = _init(ModelConfig.preset("tiny", num_layers=1, swiglu_recompute=flag), tok)
+    grad = jax.jit(jax.grad(lambda p, m=model: jnp.sum(m.apply({"params": p}, tok).logits)))
+    assert ("tanh" in grad.lower(params).as_text()) == flag
 
 
 def test_bf16_matmul_grad_modes_agree():

@@ -15,7 +15,7 @@ one process, interleaved, separates effects of a few percent. Experiments:
   mulsum      the same as broadcast multiplies and sums (no dot_general at all)
   xla         model.attention_impl = "xla" (jax.nn.dot_product_attention)
   swiglu_bar  an optimization barrier on (gate, up) before SwiGLU's gating
-  swiglu_rec  SwiGLU's backward recomputes the sigmoid behind an optimization barrier (no CSE)
+  swiglu_rec  model.swiglu_recompute = True (the backward's sigmoid via tanh: no CSE merge)
   sgd         optax.sgd instead of AdamW + clipping (what the optimizer costs)
   flag:JSON   XLA compile options for B, e.g. 'flag:{"xla_cpu_enable_fast_math": true}'
 """
@@ -85,19 +85,6 @@ def _swiglu_barrier(gate, up, _orig=layers.swiglu):
   return _orig(*jax.lax.optimization_barrier((gate, up)))
 
 
-def _swiglu_bwd_recompute(res, dh):
-  return layers._swiglu_bwd(jax.lax.optimization_barrier(res), dh)
-
-
-@contextlib.contextmanager
-def _swiglu_vjp(bwd):
-  layers.swiglu.defvjp(layers._swiglu_fwd, bwd)
-  try:
-    yield
-  finally:
-    layers.swiglu.defvjp(layers._swiglu_fwd, layers._swiglu_bwd)
-
-
 def variant(name, cfg):
   """(patch context, model config, optimizer or None, XLA options or None) for B."""
   none = contextlib.nullcontext
@@ -112,7 +99,7 @@ def variant(name, cfg):
   if name == "swiglu_bar":
     return (lambda: setattr_during(layers, "swiglu", _swiglu_barrier)), cfg, None, None
   if name == "swiglu_rec":
-    return (lambda: _swiglu_vjp(_swiglu_bwd_recompute)), cfg, None, None
+    return none, cfg.replace(swiglu_recompute=True), None, None
   if name == "sgd":
     return none, cfg, optax.sgd(1e-4), None
   if name.startswith("flag:"):

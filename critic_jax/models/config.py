@@ -95,6 +95,12 @@ class ModelConfig:
       default backend is the CPU, else "direct"). "tables" is exact to about 5e-7 for
       every int32 position; "direct" rounds the angle p * f to float32 (1.5e-5 at
       position 255, growing with the position).
+    swiglu_recompute: SwiGLU's backward recomputes sigmoid(gate) behind an optimization
+      barrier (`layers.swiglu`), so XLA's common-subexpression elimination cannot merge
+      it with the forward's and the program keeps only gate and up for the backward.
+      Off (the default), XLA keeps sigmoid(gate) as a float32 `[B, T, F]` array per layer
+      as well. Same math (to float32 rounding); on the 2-core CPU within noise
+      (x0.995-1.015), on GPUs not yet measured (`scripts/device_checks.sh sftswiglu`).
     init_std: std of the normal initialiser of the weight matrices.
   """
 
@@ -127,6 +133,7 @@ class ModelConfig:
   attention_block: int = DEFAULT_BLOCK
   matmul_grad: str = "auto"
   rope_impl: str = "auto"
+  swiglu_recompute: bool = False
   init_std: float = 0.02
 
   def __post_init__(self):

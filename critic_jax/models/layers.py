@@ -7,6 +7,7 @@ the mapping to mesh axes lives in the config (`critic_jax.parallel`).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -289,35 +290,45 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
   return out.astype(x.dtype)
 
 
-@jax.custom_vjp
-def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def swiglu(gate: jax.Array, up: jax.Array, recompute: bool = False) -> jax.Array:
   """SwiGLU's gating `silu(gate) * up` (Shazeer 2020, arXiv:2002.05202), any shape.
 
-  Computed in float32 and cast to `gate`'s dtype. The backward pass keeps only `gate`
-  and `up` (the two matmuls' outputs, which exist anyway) and recomputes the sigmoid:
+  Computed in float32 and cast to `gate`'s dtype. The backward pass keeps `gate` and
+  `up` (the two matmuls' outputs, which exist anyway) and recomputes the sigmoid:
   d_up = dh * silu(g), d_gate = dh * u * s * (1 + g * (1 - s)) with s = sigmoid(g).
   Autodiff of the plain formula instead stores sigmoid(g) and silu(g) as well, so
-  XLA writes and reads two more `[B, T, F]` arrays. XLA's common-subexpression
-  elimination may still merge the backward's sigmoid with the forward's: in the main
-  job's compiled CPU train step it does, in float32 and in bfloat16 compute, so that
-  program keeps sigmoid(g) (float32) for the backward and drops only silu(g). Forcing
-  the recomputation (an optimization barrier on the residuals) measured x1.000 there
-  (15 of 30 pairs). Measured on the 2-core CPU (main job's model, 128 x 12 tokens,
-  alternating steps in one process): the train step x0.967 in float32 (faster in 53 of
-  60 pairs), x0.944 in bfloat16 (34 of 40); the 4 M-parameter benchmark shape x0.992
-  (8 of 12).
+  XLA writes and reads two more `[B, T, F]` arrays. Measured on the 2-core CPU (main
+  job's model, 128 x 12 tokens, alternating steps in one process): the train step
+  x0.967 in float32 (faster in 53 of 60 pairs), x0.944 in bfloat16 (34 of 40); the
+  4 M-parameter benchmark shape x0.992 (8 of 12).
+
+  XLA's common-subexpression elimination may merge the backward's sigmoid with the
+  forward's: in the main job's compiled CPU train step it does (float32 and bfloat16
+  compute), so that program keeps sigmoid(g) as a float32 `[B, T, F]` array for the
+  backward after all and drops only silu(g). `recompute=True` (static; the model's
+  `swiglu_recompute`) computes the backward's sigmoid as (1 + tanh(g / 2)) / 2, which
+  CSE cannot merge (an optimization barrier on the residuals did not: a small gradient
+  program still evaluated one sigmoid), so SwiGLU's backward keeps only gate and up. On
+  the 2-core CPU that measured
+  x0.995 (11 of 20 pairs faster) in float32 and x1.005 (8 of 16) in bfloat16 on the main
+  job's model, x1.015 (1 of 6) at 4 M in bfloat16, and left XLA:CPU's temporary memory
+  for whole train steps unchanged; it is there for GPUs, where a float32 `[B, T, F]`
+  array per layer costs bandwidth and memory (not yet measured on one).
   """
   return (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(gate.dtype)
 
 
-def _swiglu_fwd(gate, up):
-  return swiglu(gate, up), (gate, up)
+def _swiglu_fwd(gate, up, recompute):
+  return swiglu(gate, up, recompute), (gate, up)
 
 
-def _swiglu_bwd(res, dh):
+def _swiglu_bwd(recompute, res, dh):
   gate, up = res
   g, u, d = gate.astype(jnp.float32), up.astype(jnp.float32), dh.astype(jnp.float32)
-  s = jax.nn.sigmoid(g)
+  # sigmoid(g) = (1 + tanh(g / 2)) / 2: the same value (to float32 rounding) by other ops,
+  # which common-subexpression elimination cannot merge with the forward's logistic.
+  s = 0.5 + 0.5 * jnp.tanh(0.5 * g) if recompute else jax.nn.sigmoid(g)
   d_up = d * g * s
   d_gate = d * u * s * (1.0 + g * (1.0 - s))
   return d_gate.astype(gate.dtype), d_up.astype(up.dtype)
@@ -330,7 +341,8 @@ class Mlp(nn.Module):
   """SwiGLU (`down(silu(gate(x)) * up(x))`) or GELU (`down(gelu_tanh(up(x)))`) MLP.
 
   `fused` (SwiGLU) computes gate and up with one matmul against a `gate_up` kernel
-  `[D, 2, F]` (`fuse_projections` converts the params); same math.
+  `[D, 2, F]` (`fuse_projections` converts the params); same math. `recompute`: see
+  `swiglu`.
   """
 
   kind: str
@@ -342,6 +354,7 @@ class Mlp(nn.Module):
   param_dtype: Any = jnp.float32
   grad: str = "autodiff"
   fused: bool = False
+  recompute: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -355,11 +368,11 @@ class Mlp(nn.Module):
 
     if self.kind == "swiglu" and self.fused:
       gate_up = dense((2, self.mlp_dim), "gate_up", ("embed", None, "mlp"), self.init_std)(x)
-      h = swiglu(gate_up[..., 0, :], gate_up[..., 1, :])
+      h = swiglu(gate_up[..., 0, :], gate_up[..., 1, :], self.recompute)
     elif self.kind == "swiglu":
       gate = dense((self.mlp_dim,), "gate", ("embed", "mlp"), self.init_std)(x)
       up = dense((self.mlp_dim,), "up", ("embed", "mlp"), self.init_std)(x)
-      h = swiglu(gate, up)
+      h = swiglu(gate, up, self.recompute)
     else:
       up = dense((self.mlp_dim,), "up", ("embed", "mlp"), self.init_std)(x)
       h = nn.gelu(up, approximate=True)

@@ -197,7 +197,7 @@ class Block(nn.Module):
     h = Mlp(
       kind=cfg.mlp, mlp_dim=cfg.mlp_dim, use_bias=cfg.out_bias, init_std=cfg.init_std,
       out_init_std=out_std, dtype=dt, param_dtype=pdt, grad=cfg.resolved_matmul_grad,
-      fused=self.fused, name="mlp",
+      fused=self.fused, recompute=cfg.swiglu_recompute, name="mlp",
     )(Norm(**norm, name="mlp_norm")(x))  # fmt: skip
     x = constrain(x + h, ("act_batch", "act_length", "act_embed"))
     return x, kv
