@@ -315,7 +315,7 @@ def test_materialised_transpose():
 def test_swiglu_custom_vjp_equals_autodiff(dtype, recompute):
   """`layers.swiglu` (a custom VJP that recomputes the sigmoid) against autodiff of
   silu(g) * u in float32: the same output and gradients, in the inputs' dtype (gates
-  out to +-12 so the sigmoid saturates), with and without the optimization barrier."""
+  out to +-12 so the sigmoid saturates), with the sigmoid recomputed either way."""
   rs = np.random.RandomState(0)
   g, u, w = (rs.standard_normal((4, 6, 40)).astype(np.float32) * s for s in (4.0, 1.0, 1.0))
   g[0, 0, :2] = (12.0, -12.0)

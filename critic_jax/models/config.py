@@ -95,9 +95,9 @@ class ModelConfig:
       default backend is the CPU, else "direct"). "tables" is exact to about 5e-7 for
       every int32 position; "direct" rounds the angle p * f to float32 (1.5e-5 at
       position 255, growing with the position).
-    swiglu_recompute: SwiGLU's backward recomputes sigmoid(gate) behind an optimization
-      barrier (`layers.swiglu`), so XLA's common-subexpression elimination cannot merge
-      it with the forward's and the program keeps only gate and up for the backward.
+    swiglu_recompute: SwiGLU's backward recomputes sigmoid(gate) as (1 + tanh(gate/2))/2
+      (`layers.swiglu`), which XLA's common-subexpression elimination cannot merge with
+      the forward's, so the program keeps only gate and up for that backward.
       Off (the default), XLA keeps sigmoid(gate) as a float32 `[B, T, F]` array per layer
       as well. Same math (to float32 rounding); on the 2-core CPU within noise
       (x0.995-1.015), on GPUs not yet measured (`scripts/device_checks.sh sftswiglu`).
