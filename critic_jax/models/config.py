@@ -98,9 +98,10 @@ class ModelConfig:
     swiglu_recompute: SwiGLU's backward recomputes sigmoid(gate) as (1 + tanh(gate/2))/2
       (`layers.swiglu`), which XLA's common-subexpression elimination cannot merge with
       the forward's, so the program keeps only gate and up for that backward.
-      Off (the default), XLA keeps sigmoid(gate) as a float32 `[B, T, F]` array per layer
-      as well. Same math (to float32 rounding); on the 2-core CPU within noise
-      (x0.995-1.015), on GPUs not yet measured (`scripts/device_checks.sh sftswiglu`).
+      Off (the default), XLA:CPU keeps sigmoid(gate) as a float32 `[B, T, F]` array per
+      layer as well (seen in its optimised HLO; GPUs not checked). Same math (to float32
+      rounding); on the 2-core CPU within noise (x0.995-1.015), on GPUs not yet measured
+      (`scripts/device_checks.sh sftswiglu`).
     init_std: std of the normal initialiser of the weight matrices.
   """
 

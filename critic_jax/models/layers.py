@@ -310,11 +310,11 @@ def swiglu(gate: jax.Array, up: jax.Array, recompute: bool = False) -> jax.Array
   `swiglu_recompute`) computes the backward's sigmoid as (1 + tanh(g / 2)) / 2, which
   CSE cannot merge (an optimization barrier on the residuals did not: a small gradient
   program still evaluated one sigmoid), so SwiGLU's backward keeps only gate and up. On
-  the 2-core CPU that measured
-  x0.995 (11 of 20 pairs faster) in float32 and x1.005 (8 of 16) in bfloat16 on the main
-  job's model, x1.015 (1 of 6) at 4 M in bfloat16, and left XLA:CPU's temporary memory
-  for whole train steps unchanged; it is there for GPUs, where a float32 `[B, T, F]`
-  array per layer costs bandwidth and memory (not yet measured on one).
+  the 2-core CPU that measured x0.995 (11 of 20 pairs faster) in float32 and x1.005 (8 of
+  16) in bfloat16 on the main job's model, x1.015 (1 of 6) at 4 M in bfloat16, and left
+  XLA:CPU's temporary memory for whole train steps unchanged; it is there for GPUs, where
+  a float32 `[B, T, F]` array per layer would cost bandwidth and memory if their compile
+  keeps it too (not yet measured on one).
   """
   return (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(gate.dtype)
 
