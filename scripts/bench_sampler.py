@@ -22,6 +22,10 @@ against the memory-bandwidth roofline: bytes of weights plus the KV cache that
 a step must read (prompt + tokens so far, averaged over the steps) over the step
 time, against `--peak-bw` (3e12 B/s, an H100's HBM3).
 
+`--interleave PAIRS` keeps both sides alive and times whole calls in alternating bursts of
+--repeats calls (the ratio: the median of the per-pair ratios), so that the machine's slow
+spells (seconds long) hit both sides of a pair; see `scripts/bench_sft.py`.
+
 On a shared CPU machine use --threads=1: with two OpenMP threads and other
 processes on the cores, PyTorch's spin-waiting threads can slow `generate` by
 10x or more (measured: 20 s instead of 1.6 s at batch 64), which would flatter
@@ -46,10 +50,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from benchlib import (  # noqa: E402
+  add_interleave_flags,
   add_profile_flag,
   add_rounds_flag,
   exit_if_failed,
   forward_args,
+  interleave_sides,
+  measure,
   print_result,
   profile_runs,
   run_side,
@@ -110,8 +117,12 @@ def parse_args(argv=None):
   p.add_argument("--side", default="both", choices=("both", "ours", "hf"))
   p.add_argument("--timeout", type=float, default=1200.0, help="per side, seconds")
   add_rounds_flag(p)
+  add_interleave_flags(p)
   add_profile_flag(p)
-  return p.parse_args(argv)
+  args = p.parse_args(argv)
+  if args.interleave and args.rounds > 1:
+    p.error("--interleave and --rounds are two ways to repeat the comparison: pick one")
+  return args
 
 
 def model_config(args, platform: str = "cpu"):
@@ -237,6 +248,13 @@ def run_ours(args) -> dict:
       samplers[best].generate(params, tokens, lengths, key, num_samples=args.num_samples)
 
     profile_runs(args.profile, run, lambda: None, args.profile_runs)
+  if args.serve:  # --interleave: whole calls of the fastest variant, timed in bursts
+    sampler = samplers[best]
+    key = jax.random.key(2)
+    served_s = measure(
+      args, lambda: sampler.generate(params, tokens, lengths, key, num_samples=args.num_samples),
+      lambda: None, 0, 0, None,
+    )  # fmt: skip
   dev = jax.devices()[0]
   stats = dev.memory_stats() if dev.platform == "gpu" else None
   peak = stats["peak_bytes_in_use"] if stats else peak_rss_bytes()
@@ -248,6 +266,8 @@ def run_ours(args) -> dict:
     peak_kind="device allocator peak" if stats else "process peak RSS",
     itemsize=jnp.dtype(cfg.compute_dtype).itemsize, kv_chunk=gen.chunk_size,
   )  # fmt: skip
+  if args.serve:
+    out["served_total_s"] = served_s
   return out
 
 
@@ -312,7 +332,10 @@ def run_hf(args) -> dict:
   total = statistics.median(timed(args.new_tokens) for _ in range(args.repeats))
   prefill = statistics.median(timed(1) for _ in range(args.repeats))
   peak = torch.cuda.max_memory_allocated() if device == "cuda" else peak_rss_bytes()
-  return dict(
+  extra = {}
+  if args.serve:  # --interleave: whole calls, timed in bursts
+    extra["served_total_s"] = measure(args, lambda: gen(args.new_tokens), lambda: None, 0, 0, None)
+  return dict(**extra,
     side="transformers", compile_s=warm, total_s=total, prefill_s=prefill, cpu_s=min(cpu),
     device=device,
     params=n_params, peak_bytes=peak,
@@ -322,11 +345,15 @@ def run_hf(args) -> dict:
 
 
 # --- driver -------------------------------------------------------------------------
-def child(args, side: str) -> dict:
+def side_env(args) -> dict:
   env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
   if args.threads == 1:  # and the side pins itself to one core (`one_core`)
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-  return run_side(__file__, side, forward_args(args), env=env, timeout=args.timeout)
+  return env
+
+
+def child(args, side: str) -> dict:
+  return run_side(__file__, side, forward_args(args), env=side_env(args), timeout=args.timeout)
 
 
 def rates(r: dict, args) -> dict:
@@ -374,10 +401,18 @@ def main(argv=None):
   # which goes first: `generate` first in odd rounds, so a one-round run under an outer time
   # limit (scripts/device_checks.sh) has the baseline even if our side's start-up overruns.
   order = (("hf", "ours"), ("ours", "hf"))
-  rounds = [
-    {n: side_or_none(i, n, lambda n=n: child(args, n)) for n in order[i % 2]}
-    for i in range(args.rounds)
-  ]
+  per_pair = []
+  if args.interleave:
+    results, per_pair = interleave_sides(
+      __file__, ["hf", "ours"], forward_args(args), pairs=args.interleave, per=args.repeats,
+      gap=args.gap, timeout=args.timeout, env=side_env(args),
+    )  # fmt: skip
+    rounds = [results]
+  else:
+    rounds = [
+      {n: side_or_none(i, n, lambda n=n: child(args, n)) for n in order[i % 2]}
+      for i in range(args.rounds)
+    ]
   exit_if_failed(rounds)
   rounds = [(r["ours"], r["hf"]) for r in rounds]
   rated = [(rates(o, args), rates(h, args)) for o, h in rounds]
@@ -426,6 +461,19 @@ def main(argv=None):
     print(
       f"total ratio over {args.rounds} rounds: median {statistics.median(totals):.1f}x, "
       f"range {min(totals):.1f}-{max(totals):.1f}x ({each})"
+    )
+  if per_pair:
+    calls = [m["hf"] / m["ours"] for m in per_pair]
+    q = statistics.quantiles(calls, n=4) if len(calls) > 1 else calls * 3
+    served = ", ".join(
+      f"{k} {1e3 * r['served_total_s']:.1f} ms" for k, r in (("ours", ours), ("generate", hf))
+    )
+    print(
+      f"interleaved: {args.interleave} pairs of {args.repeats}-call bursts per side (order "
+      f"flipping every pair); median call over all bursts: {served}; per-pair ratio (whole "
+      f"calls) median {statistics.median(calls):.1f}x, quartiles {q[0]:.1f}-{q[2]:.1f}x, range "
+      f"{min(calls):.1f}-{max(calls):.1f}x; ours faster in {sum(c > 1 for c in calls)} of "
+      f"{len(calls)} pairs"
     )
   cores = f"cores each side may use: ours {ours.get('cores')}, transformers {hf.get('cores')}"
   threads = "1 (single-threaded ops)" if args.threads == 1 else "framework default"

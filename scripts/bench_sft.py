@@ -15,6 +15,12 @@ share the device's memory, and the parent initialises neither. Prints tokens/s,
 step time, model FLOPs utilisation (6N + attention FLOPs per token over the
 chip's peak, when --peak_tflops is known; N without the input embedding, and again with it,
 as ENVIRONMENT.md's PyTorch anchor counts) and the ratio.
+
+On a shared CPU machine use `--interleave PAIRS` (e.g. `--steps 5 --interleave 20`): both
+sides stay alive and run alternating bursts of --steps steps, and the ratio is the median
+of the per-pair ratios. This VM has slow spells of several seconds (measured: a process's
+steps at 48 ms for ~6 s, then 34 ms, both worker threads busy on their own cores throughout),
+which separate processes run one after another (`--rounds`) put on one side only.
 """
 
 from __future__ import annotations
@@ -32,10 +38,13 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from benchlib import (  # noqa: E402
+  add_interleave_flags,
   add_profile_flag,
   add_rounds_flag,
   exit_if_failed,
   forward_args,
+  interleave_sides,
+  measure,
   print_result,
   profile_runs,
   run_side,
@@ -49,7 +58,7 @@ from critic_jax.train.optim import make_optimizer  # noqa: E402
 from critic_jax.train.sft import make_train_step  # noqa: E402
 from critic_jax.train.state import init_train_state  # noqa: E402
 
-SKIP = ("side", "timeout", "rounds", "autocast")  # the parent's own flags
+SKIP = ("side", "timeout", "rounds", "autocast", "interleave", "gap")  # the parent's own flags
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
@@ -91,8 +100,12 @@ def parse(argv=None):
   )  # fmt: skip
   p.add_argument("--timeout", type=float, default=1800.0, help="per side, seconds")
   add_rounds_flag(p)
+  add_interleave_flags(p)
   add_profile_flag(p)
-  return p.parse_args(argv)
+  args = p.parse_args(argv)
+  if args.interleave and args.rounds > 1:
+    p.error("--interleave and --rounds are two ways to repeat the comparison: pick one")
+  return args
 
 
 def model_config(args) -> ModelConfig:
@@ -173,7 +186,7 @@ def bench_jax(args, cfg):
       box["state"], box["metrics"] = step(box["state"], batch)
 
     sync = lambda: jax.block_until_ready(box["metrics"])  # noqa: E731
-    dt = time_steps(run, sync, args.warmup, args.steps)
+    dt = measure(args, run, sync, args.warmup, args.steps, time_steps)
     loss = float(box["metrics"]["loss"])  # read before any traced steps: the step it reports
     if args.profile:
       profile_runs(args.profile, run, sync, args.profile_runs)
@@ -217,7 +230,7 @@ def bench_torch(args, cfg, autocast=False):
   sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
   # One more warm-up step than the steps timed, like the JAX side's compile step: both losses
   # are then read at the same step.
-  return time_steps(run, sync, args.warmup + 1, args.steps), float(box["loss"])
+  return measure(args, run, sync, args.warmup + 1, args.steps, time_steps), float(box["loss"])
 
 
 def run_side_here(args) -> dict:
@@ -255,7 +268,16 @@ def main():
   # Alternate the sides round by round, so that a slow spell of the machine hits both.
   names = ["jax"] + (["torch"] if args.torch else [])
   names += ["autocast"] if args.torch and args.dtype == "bfloat16" and args.autocast else []
-  rounds = [{n: side(n, i) for n in names} for i in range(args.rounds)]
+  per_pair = []
+  if args.interleave:
+    argv = forward_args(args, skip=SKIP)
+    results, per_pair = interleave_sides(
+      __file__, names, argv, pairs=args.interleave, per=args.steps, gap=args.gap,
+      timeout=args.timeout,
+    )  # fmt: skip
+    rounds = [results]
+  else:
+    rounds = [{n: side(n, i) for n in names} for i in range(args.rounds)]
   exit_if_failed(rounds)
   ours = rounds[0]["jax"]
   peak = args.peak_tflops
@@ -273,7 +295,8 @@ def main():
         f", MFU {100 * flops / dt / (peak * 1e12):.1f}% "
         f"({100 * flops_all / dt / (peak * 1e12):.1f}% counting embeddings)"
       )
-    end = "" if loss is None else f", loss {loss:.3f} after {args.warmup + args.steps + 1} steps"
+    done = args.warmup + 1 + args.steps * (args.interleave or 1)
+    end = "" if loss is None else f", loss {loss:.3f} after {done} steps"
     print(
       f"{name:>10}: {dt * 1e3:9.1f} ms/step, {tokens / dt:10.0f} tokens/s, "
       f"{flops / dt / 1e12:.3f} TFLOP/s{mfu}{end}"
@@ -295,6 +318,16 @@ def main():
     if args.torch:  # bfloat16: the ratio is to the faster PyTorch loop
       ratios.append(min(r[n]["step_s"] for n in names[1:]) / r["jax"]["step_s"])
       print(f"ratio (critic_jax tokens/s over PyTorch tokens/s): {ratios[-1]:.2f}x")
+  if args.interleave and args.torch:
+    pair_ratios = [min(m[n] for n in names[1:]) / m["jax"] for m in per_pair]
+    q = statistics.quantiles(pair_ratios, n=4) if len(pair_ratios) > 1 else pair_ratios * 3
+    print(
+      f"interleaved: {args.interleave} pairs of {args.steps}-step bursts per side (order "
+      f"flipping every pair; the lines above: the median of every timed step); per-pair ratio "
+      f"median {statistics.median(pair_ratios):.2f}x, quartiles {q[0]:.2f}-{q[2]:.2f}x, range "
+      f"{min(pair_ratios):.2f}-{max(pair_ratios):.2f}x; critic_jax faster in "
+      f"{sum(r > 1 for r in pair_ratios)} of {len(pair_ratios)} pairs"
+    )
   if args.rounds > 1:
     med = {n: statistics.median(r[n]["step_s"] for r in rounds) for n in names}
     print(f"median of {args.rounds} rounds:")

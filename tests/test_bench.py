@@ -98,6 +98,79 @@ def test_bench_sampler_runs_both_sides_and_reports_the_ratio():
   assert re.search(r"total ratio over 2 rounds: median [\d.]+x, range [\d.]+-[\d.]+x \(", out)
 
 
+_FAKE_SIDE = """
+import json, sys, time
+side, log = sys.argv[sys.argv.index("--side") + 1 :][:2]
+assert sys.argv[-1] == "--serve", sys.argv
+if side == "broken":
+  sys.exit(3)
+print("some library's chatter")
+print("SERVE ready", flush=True)
+while True:
+  cmd = sys.stdin.readline().split()
+  if not cmd or cmd[0] == "done":
+    break
+  with open(log, "a") as f:
+    f.write(side + "\\n")
+  dt = {"a": 0.1, "b": 0.3}[side]
+  print("SERVE " + json.dumps([dt] * int(cmd[1])), flush=True)
+print("RESULT " + json.dumps({"side": side}), flush=True)
+"""
+
+
+def test_interleave_sides_alternates_bursts_and_names_a_failed_side(tmp_path):
+  """`--interleave`'s driver: each side's bursts in turn, the order flipping every pair, the
+  per-pair medians and each side's RESULT; a side that dies is named."""
+  script = tmp_path / "side.py"
+  script.write_text(_FAKE_SIDE)
+  log = tmp_path / "bursts.log"
+  results, per_pair = benchlib.interleave_sides(
+    str(script), ["a", "b"], [str(log)], pairs=3, per=2, gap=0.0, timeout=60
+  )
+  assert log.read_text().split() == ["a", "b", "b", "a", "a", "b"]
+  assert per_pair == [{"a": 0.1, "b": 0.3}] * 3
+  assert results["a"]["side"] == "a" and results["b"]["side"] == "b"
+  assert all(r["process_s"] > 0 for r in results.values())
+  with pytest.raises(SystemExit, match="the broken side exited"):
+    benchlib.interleave_sides(
+      str(script), ["a", "broken"], [str(log)], pairs=1, per=1, gap=0.0, timeout=60
+    )
+
+
+def test_bench_interleave_reports_per_pair_ratios():
+  """Both benchmarks with --interleave: the sides stay alive and alternate bursts; the report
+  gives the per-pair ratios' median, quartiles and range, and both SFT sides' losses are read
+  at the same step (compile/warm-up steps plus every served step)."""
+  out = _bench(
+    "bench_sft", "--preset", "tiny", "--batch", "2", "--seq", "16", "--steps", "1",
+    "--warmup", "1", "--torch", "--interleave", "3",
+  )  # fmt: skip
+  m = re.search(
+    r"interleaved: 3 pairs of 1-step bursts per side .* per-pair ratio median ([\d.]+)x, "
+    r"quartiles ([\d.]+)-([\d.]+)x, range ([\d.]+)-([\d.]+)x; critic_jax faster in \d of 3 pairs",
+    out,
+  )
+  assert m, out
+  lo, q1, q3, hi = (float(m.group(i)) for i in (4, 2, 3, 5))
+  assert lo <= q1 <= float(m.group(1)) <= q3 <= hi, out
+  for side in ("critic_jax", "pytorch"):
+    assert re.search(rf"{side}: .* loss [\d.]+ after 5 steps$", out, re.M), out
+  out = _bench(
+    "bench_sampler", "--preset", "tiny", "--batch", "2", "--prompt-len", "8",
+    "--new-tokens", "4", "--repeats", "1", "--interleave", "2",
+  )  # fmt: skip
+  assert re.search(
+    r"interleaved: 2 pairs of 1-call bursts per side .* median call over all bursts: ours "
+    r"[\d.]+ ms, generate [\d.]+ ms; per-pair ratio \(whole calls\) median [\d.]+x",
+    out,
+  ), out
+  p = subprocess.run(
+    [sys.executable, os.path.join(ROOT, "scripts", "bench_sft.py"), "--interleave", "2",
+     "--rounds", "2"], capture_output=True, text=True, env=_env(), timeout=120,
+  )  # fmt: skip
+  assert p.returncode == 2 and "pick one" in p.stderr, p.stderr
+
+
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="pinning needs Linux")
 def test_bench_sampler_threads_1_puts_each_side_on_one_core():
   """--threads=1 means one core per side: XLA flags alone left XLA:CPU's matmuls on two
