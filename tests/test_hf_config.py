@@ -111,6 +111,40 @@ def test_runtime_fields_come_from_the_user_config():
   cfg = model_config_from_hf(LLAMA, base.to_configdict())
   assert cfg.d_model == 32 and cfg.heads == ("lm", "value")
   assert cfg.param_dtype == "bfloat16" and cfg.scan_layers
+  recompute = model_config_from_hf(LLAMA, ModelConfig(swiglu_recompute=True).to_configdict())
+  assert recompute.swiglu_recompute
+
+
+def test_rope_scaling_written_with_the_v4_key_reads_back():
+  """A config whose rope_scaling used transformers v4's "type" key is exported with one
+  rope_type; folders written before that (rope_type "default" beside type "linear", which
+  transformers reads as linear) are read as linear too."""
+  cfg = ModelConfig(vocab_size=50, d_model=32, num_heads=4, num_kv_heads=2, mlp_dim=48,
+                    rope_scaling={"type": "linear", "factor": 4.0})  # fmt: skip
+  hf = model_to_hf_config(cfg, export_layout(cfg), bos_token_id=1, eos_token_id=2)
+  assert hf["rope_parameters"]["rope_type"] == "linear" and "type" not in hf["rope_parameters"]
+  assert hf_to_model_config(json.loads(json.dumps(hf))) == cfg
+  old = dict(LLAMA, rope_parameters={"rope_type": "default", "type": "linear", "factor": 4.0,
+                                     "rope_theta": 10000.0})  # fmt: skip
+  assert hf_to_model_config(old).rope_scaling == {"rope_type": "linear", "factor": 4.0}
+
+
+def test_attention_and_mlp_biases_map_separately():
+  """Llama's attention_bias and mlp_bias, and Qwen3's attention_bias (its MLP has none), are
+  separate switches: no MLP biases appear that the checkpoint lacks."""
+  both = hf_to_model_config(dict(LLAMA, attention_bias=True, mlp_bias=True))
+  assert both.out_bias and both.resolved_mlp_bias and both.mlp_bias is None
+  attn = hf_to_model_config(dict(LLAMA, attention_bias=True, mlp_bias=False))
+  assert attn.qkv_bias and attn.out_bias and not attn.resolved_mlp_bias
+  mlp = hf_to_model_config(dict(LLAMA, attention_bias=False, mlp_bias=True))
+  assert not mlp.out_bias and mlp.resolved_mlp_bias
+  for cfg in (both, attn, mlp):
+    assert export_layout(cfg).mlp_bias == cfg.resolved_mlp_bias
+  qwen3 = dict(LLAMA, architectures=["Qwen3ForCausalLM"], model_type="qwen3", head_dim=8,
+               attention_bias=True)  # fmt: skip
+  q = hf_to_model_config(qwen3)
+  assert q.qk_norm and q.out_bias and not q.resolved_mlp_bias
+  assert export_layout(q).family == "qwen3"
 
 
 def test_infer_family():
@@ -132,7 +166,7 @@ CONFIGS = {
   "qwen2": ModelConfig(vocab_size=50, d_model=32, num_heads=4, num_kv_heads=2, mlp_dim=48,
                        qkv_bias=True, tie_embeddings=True, sliding_window=16),
   "qwen3": ModelConfig(vocab_size=50, d_model=32, num_heads=4, num_kv_heads=2, mlp_dim=48,
-                       head_dim=16, qk_norm=True, qkv_bias=True, out_bias=True),
+                       head_dim=16, qk_norm=True, qkv_bias=True, out_bias=True, mlp_bias=False),
   "gpt2": ModelConfig.preset("tiny_gpt2", vocab_size=50, d_model=32, mlp_dim=48),
 }  # fmt: skip
 

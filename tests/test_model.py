@@ -270,6 +270,36 @@ def test_rope_scaling():
     ModelConfig(rope_scaling={"rope_type": "yarn", "factor": 2.0})
 
 
+def test_learned_positions_padding_past_the_table_stays_finite():
+  """GPT-2 rows padded past max_seq_len: the padding's positions have no table row (the
+  lookup would give NaN, which attention's zero weights would spread to the real tokens), so
+  they are clamped; the real tokens equal the unpadded row. Unpadded rows that long raise."""
+  cfg = ModelConfig.preset("tiny_gpt2", max_seq_len=8)
+  model, params = _init(cfg, _tokens(1, 8))
+  tokens = _tokens(1, 10)
+  seg = jnp.asarray([[1] * 6 + [0] * 4], jnp.int32)
+  padded = model.apply({"params": params}, tokens, segment_ids=seg).logits
+  alone = model.apply({"params": params}, tokens[:, :6]).logits
+  np.testing.assert_allclose(padded[:, :6], alone, atol=1e-5, rtol=0)
+  assert np.isfinite(np.asarray(padded)).all()
+  with pytest.raises(ValueError, match="10 tokens per row exceed model.max_seq_len=8"):
+    model.apply({"params": params}, tokens)
+
+
+def test_rope_scaling_legacy_type_key_and_mlp_bias_switch():
+  """transformers v4's {"type": ...} is stored as rope_type (an export writes one key);
+  mlp_bias equal to out_bias is stored as None, so equal models compare equal."""
+  cfg = ModelConfig(rope_scaling={"type": "linear", "factor": 4.0})
+  assert cfg.rope_scaling == {"rope_type": "linear", "factor": 4.0}
+  assert ModelConfig(out_bias=True, mlp_bias=True) == ModelConfig(out_bias=True)
+  qwen3_bias = ModelConfig.preset("tiny_qwen3", qkv_bias=True, out_bias=True, mlp_bias=False)
+  params = _init(qwen3_bias, _tokens(1, 4))[1]
+  assert "bias" in params["layer_0"]["attn"]["o"]
+  assert all("bias" not in params["layer_0"]["mlp"][k] for k in ("gate", "up", "down"))
+  n = sum(x.size for x in jax.tree.leaves(params))
+  assert n == qwen3_bias.num_params()
+
+
 def test_rope_tables_exact_for_every_int32_position():
   # cos(p f) and sin(p f) from base-256 digit tables: against float64 for positions over the
   # whole int32 range (negative ones too), and against the float32 "direct" path.

@@ -117,6 +117,9 @@ def test_mesh_and_rules_config_errors():
     mesh_shape_from_config({"data": 3, "fsdp": 4}, 8)
   with pytest.raises(ValueError, match="unknown mesh axis 'tp'"):
     rules_from_config([("mlp", "tp")])
+  # A misspelt logical axis would leave the parameters it names replicated, silently.
+  with pytest.raises(ValueError, match=r"config.sharding_rules: .*'mpl'; did you mean 'mlp'\?"):
+    rules_from_config([("mpl", "tensor")])
   assert rules_from_config([["act_batch", ["data", "fsdp"]]]) == (("act_batch", ("data", "fsdp")),)
 
 

@@ -53,7 +53,7 @@ _CLASS_NAME = {v: k for k, v in ARCHITECTURES.items()}
 # come from the user's config when a run starts from an HF folder.
 RUNTIME_FIELDS = (
   "heads", "scalar_head_init", "dtype", "param_dtype", "remat", "scan_layers", "attention_impl",
-  "attention_block", "matmul_grad", "rope_impl",
+  "attention_block", "matmul_grad", "rope_impl", "swiglu_recompute",
 )  # fmt: skip
 _GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # all the tanh approximation
 _DEFAULT_THETA = 10000.0
@@ -181,7 +181,11 @@ def _rope(hf: Mapping[str, Any]) -> tuple[float, dict[str, Any] | None]:
     raise HFInteropError(
       f"{where}: partial_rotary_factor={prf} is not supported (RoPE must cover the whole head)"
     )
-  rtype = rp.get("rope_type", rp.get("type", "default"))
+  rtype = rp.get("rope_type", "default")
+  if rtype == "default" and rp.get("type") not in (None, "default"):
+    # transformers reads the v4 key "type" over a "default" rope_type (folders critic_jax
+    # wrote before its ModelConfig normalised the key hold both).
+    rtype = rp["type"]
   if rtype == "default":
     return theta, None
   if rtype == "linear":
@@ -282,7 +286,7 @@ def hf_to_model_config(
         norm_eps=float(_get(hf, "rms_norm_eps", 1e-6)), position="rope",
         max_seq_len=int(_get(hf, "max_position_embeddings", 2048)), rope_theta=theta,
         rope_scaling=scaling, mlp="swiglu", qkv_bias=lay.qkv_bias,
-        out_bias=lay.o_bias or lay.mlp_bias, qk_norm=lay.qk_norm,
+        out_bias=lay.o_bias, mlp_bias=lay.mlp_bias, qk_norm=lay.qk_norm,
         sliding_window=_sliding_window(hf, lay.family), tie_embeddings=lay.tie_embeddings,
         heads=heads, init_std=float(_get(hf, "initializer_range", 0.02)),
       )  # fmt: skip
@@ -319,9 +323,9 @@ def infer_family(cfg: ModelConfig) -> str:
     return "gpt2"
   if cfg.qk_norm:
     return "qwen3"
-  if cfg.qkv_bias and not cfg.out_bias:
+  if cfg.qkv_bias and not (cfg.out_bias or cfg.resolved_mlp_bias):
     return "qwen2"
-  if cfg.sliding_window is not None and not (cfg.qkv_bias or cfg.out_bias):
+  if cfg.sliding_window is not None and not (cfg.qkv_bias or cfg.out_bias or cfg.resolved_mlp_bias):
     return "mistral"
   return "llama"
 
@@ -360,7 +364,7 @@ def export_layout(cfg: ModelConfig, family: str | None = None, kind: str = "caus
     return HFLayout(family, kind, True, True, True, False, cfg.tie_embeddings)
   if family == "llama":
     attn = cfg.qkv_bias or cfg.out_bias
-    return HFLayout(family, kind, attn, attn, cfg.out_bias, False, cfg.tie_embeddings)
+    return HFLayout(family, kind, attn, attn, cfg.resolved_mlp_bias, False, cfg.tie_embeddings)
   if family == "mistral":
     return HFLayout(family, kind, False, False, False, False, cfg.tie_embeddings)
   if family == "qwen2":

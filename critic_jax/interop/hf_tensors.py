@@ -138,9 +138,10 @@ def _layer_entries(cfg: ModelConfig, lay: HFLayout, i: int, prefix: str) -> list
     e.append((("attn", "o", "kernel"), View(p + "attn.c_proj.weight", (n * h, d), (0, n, h))))
     _bias(e, ("attn", "o", "bias"), cfg.out_bias, View(p + "attn.c_proj.bias", (d,)), True)
     e.append((("mlp", "up", "kernel"), View(p + "mlp.c_fc.weight", (d, f))))
-    _bias(e, ("mlp", "up", "bias"), cfg.out_bias, View(p + "mlp.c_fc.bias", (f,)), True)
+    _bias(e, ("mlp", "up", "bias"), cfg.resolved_mlp_bias, View(p + "mlp.c_fc.bias", (f,)), True)
     e.append((("mlp", "down", "kernel"), View(p + "mlp.c_proj.weight", (f, d))))
-    _bias(e, ("mlp", "down", "bias"), cfg.out_bias, View(p + "mlp.c_proj.bias", (d,)), True)
+    down_bias = View(p + "mlp.c_proj.bias", (d,))
+    _bias(e, ("mlp", "down", "bias"), cfg.resolved_mlp_bias, down_bias, True)
     return e
   p = f"{prefix}layers.{i}."
   a = p + "self_attn."
@@ -172,7 +173,8 @@ def _layer_entries(cfg: ModelConfig, lay: HFLayout, i: int, prefix: str) -> list
   ):
     w = p + f"mlp.{name}_proj."
     e.append((("mlp", name, "kernel"), View(w + "weight", shape, None, 0, perm)))
-    _bias(e, ("mlp", name, "bias"), cfg.out_bias, View(w + "bias", shape[:1]), lay.mlp_bias)
+    mlp_bias = View(w + "bias", shape[:1])
+    _bias(e, ("mlp", name, "bias"), cfg.resolved_mlp_bias, mlp_bias, lay.mlp_bias)
   return e
 
 

@@ -65,6 +65,10 @@ class ModelConfig:
     mlp: "swiglu" (SiLU-gated, Llama) or "gelu" (GPT-2, tanh approximation).
     qkv_bias: bias on the q/k/v projections (Qwen2, GPT-2).
     out_bias: bias on the attention output and MLP projections (GPT-2).
+    mlp_bias: None (the default: as `out_bias`), or whether the MLP projections have biases
+      when that differs from the attention output's (Llama's `attention_bias` /
+      `mlp_bias`; Qwen3's attention bias, which its MLP lacks). A value equal to
+      `out_bias` is stored as None, so equal models compare equal.
     qk_norm: RMSNorm over head_dim on q and k before RoPE (Qwen3).
     sliding_window: attend only to the last W keys (Mistral v0.1); None = full causal.
     tie_embeddings: LM head reuses the token embedding matrix.
@@ -121,6 +125,7 @@ class ModelConfig:
   mlp: str = "swiglu"
   qkv_bias: bool = False
   out_bias: bool = False
+  mlp_bias: bool | None = None
   qk_norm: bool = False
   sliding_window: int | None = None
   tie_embeddings: bool = False
@@ -176,16 +181,24 @@ class ModelConfig:
         f"model.d_model={self.d_model} is not divisible by model.num_heads={self.num_heads}; "
         "set model.head_dim explicitly"
       )
+    if self.mlp_bias is not None and bool(self.mlp_bias) == bool(self.out_bias):
+      object.__setattr__(self, "mlp_bias", None)
     if self.position == "rope" and self.resolved_head_dim % 2:
       raise ValueError(f"RoPE needs an even head_dim, got {self.resolved_head_dim}")
     if self.rope_scaling is not None:
       scaling = dict(self.rope_scaling)
-      rtype = scaling.get("rope_type", scaling.get("type"))
+      legacy = scaling.pop("type", None)  # transformers v4's spelling of rope_type
+      rtype = scaling.setdefault("rope_type", legacy)
       if rtype not in ROPE_TYPES:
         raise ValueError(
           f"model.rope_scaling has unsupported rope_type {rtype!r}; supported: {ROPE_TYPES}"
         )
       object.__setattr__(self, "rope_scaling", scaling)
+
+  @property
+  def resolved_mlp_bias(self) -> bool:
+    """Whether the MLP projections have biases (`mlp_bias`, else `out_bias`)."""
+    return bool(self.out_bias if self.mlp_bias is None else self.mlp_bias)
 
   @property
   def resolved_head_dim(self) -> int:
@@ -233,7 +246,7 @@ class ModelConfig:
     attn += (qkv if self.qkv_bias else 0) + (d if self.out_bias else 0)
     attn += 2 * h if self.qk_norm else 0
     n_in = 2 if self.mlp == "swiglu" else 1
-    mlp = (n_in + 1) * d * f + ((n_in * f + d) if self.out_bias else 0)
+    mlp = (n_in + 1) * d * f + ((n_in * f + d) if self.resolved_mlp_bias else 0)
     norm = d * (2 if self.norm == "layer" else 1)
     per_layer = attn + mlp + 2 * norm
     emb = self.vocab_size * d

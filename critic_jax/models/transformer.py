@@ -195,7 +195,7 @@ class Block(nn.Module):
     )  # fmt: skip
     x = x + h
     h = Mlp(
-      kind=cfg.mlp, mlp_dim=cfg.mlp_dim, use_bias=cfg.out_bias, init_std=cfg.init_std,
+      kind=cfg.mlp, mlp_dim=cfg.mlp_dim, use_bias=cfg.resolved_mlp_bias, init_std=cfg.init_std,
       out_init_std=out_std, dtype=dt, param_dtype=pdt, grad=cfg.resolved_matmul_grad,
       fused=self.fused, recompute=cfg.swiglu_recompute, name="mlp",
     )(Norm(**norm, name="mlp_norm")(x))  # fmt: skip
@@ -392,6 +392,12 @@ class Transformer(nn.Module):
     if cache is not None and context is not None:
       raise ValueError("pass either a KVCache (cache=) or a DecodeContext (context=), not both")
     b, t = tokens.shape
+    plain_rows = positions is None and segment_ids is None and cache is None and context is None
+    if cfg.position == "learned" and plain_rows and t > cfg.max_seq_len:
+      raise ValueError(
+        f"{t} tokens per row exceed model.max_seq_len={cfg.max_seq_len}, the learned position "
+        "table's size (pass segment_ids if the tokens past it are padding)"
+      )
     if segment_ids is None:
       segment_ids = jnp.ones((b, t), jnp.int32)
 
@@ -443,7 +449,11 @@ class Transformer(nn.Module):
     x = self.embed(tokens)
     rope = None
     if cfg.position == "learned":
-      x = x + self.pos_embed(positions)
+      # Padding (segment id 0) may sit past the table, whose lookup (jnp.take's "fill") gives
+      # NaN rows there, and attention's zero weights times NaN spread them to real tokens; a
+      # real token past the table keeps its NaN.
+      past = jnp.minimum(positions, cfg.max_seq_len - 1)
+      x = x + self.pos_embed(jnp.where(segment_ids > 0, positions, past))
     else:
       with jax.ensure_compile_time_eval():  # concrete, for the tables
         inv_freq = rope_inv_freq(cfg.resolved_head_dim, cfg.rope_theta, cfg.rope_scaling)

@@ -7,6 +7,7 @@ size 1. Batch dimensions are split over ("data", "fsdp"), parameters over
 
 from __future__ import annotations
 
+import difflib
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -106,16 +107,24 @@ def rules_from_config(rules: Sequence | None) -> tuple[tuple[str, Any], ...]:
   """Normalises rules from a config (lists from the CLI/JSON become tuples)."""
   if rules is None:
     return DEFAULT_RULES
+  known = [n for n, _ in DEFAULT_RULES]  # every logical axis the models name
   out = []
   for item in rules:
     if len(item) != 2:
-      raise ValueError(f"sharding rule {item!r} must be (logical_axis, mesh_axes)")
+      raise ValueError(f"config.sharding_rules: rule {item!r} must be (logical_axis, mesh_axes)")
     name, axes = item
+    if name not in known:
+      close = difflib.get_close_matches(str(name), known, n=1)
+      hint = f"; did you mean {close[0]!r}?" if close else ""
+      raise ValueError(
+        f"config.sharding_rules: rule {item!r} names unknown logical axis {name!r}{hint} "
+        f"(known: {', '.join(known)})"
+      )
     if isinstance(axes, list):
       axes = tuple(axes)
     for a in axes if isinstance(axes, tuple) else (axes,):
       if a is not None and a not in MESH_AXES:
-        raise ValueError(f"sharding rule {item!r} names unknown mesh axis {a!r}")
+        raise ValueError(f"config.sharding_rules: rule {item!r} names unknown mesh axis {a!r}")
     out.append((name, axes))
   return tuple(out)
 
