@@ -40,6 +40,22 @@ def test_addition_task_is_deterministic_and_holds_out():
   assert task.score(ev[0], ev[0].answer) and not task.score(ev[0], ev[0].answer + "1")
 
 
+def test_heldout_problems_are_distinct_and_uniform():
+  """The held-out set is distinct problems drawn uniformly from the held-out space: it used
+  to draw with replacement after picking each operand's digit count uniformly, so 1000
+  held-out 2-digit additions held 413 distinct problems, 227 of them single-digit sums
+  (10 of the 1040 held-out problems)."""
+  task = make_task("addition", num_digits=2)
+  ev = task.eval_examples(1000, seed=0)
+  assert len({e.prompt for e in ev}) == 1000
+  one_digit = sum(all(len(x) == 1 for x in e.prompt[:-1].split("+")) for e in ev)
+  assert one_digit <= 12
+  with pytest.raises(ValueError, match="only 1040 exist"):
+    task.eval_examples(1041)
+  steps = make_task("arith_steps").eval_examples(300, seed=0)
+  assert len({e.prompt for e in steps}) == 300
+
+
 def test_arith_steps_task():
   task = make_task("arith_steps", num_operands=3, num_digits=2)
   for e in task.train_examples(50, seed=1):
@@ -95,6 +111,18 @@ def test_malformed_jsonl_names_file_and_line(tmp_path, bad, msg):
   with pytest.raises(JsonlError, match=msg) as e:
     load_sft_jsonl(path)
   assert str(e.value).startswith(f"{path}:2:")
+
+
+def test_jsonl_encoding_errors_name_the_line_and_a_bom_is_accepted(tmp_path):
+  good = json.dumps({"prompt": "a", "response": "b"}).encode()
+  path = tmp_path / "latin1.jsonl"
+  latin1 = '{"prompt": "caf\u00e9", "response": "b"}'.encode("latin-1")
+  path.write_bytes(good + b"\n" + good + b"\n" + latin1)
+  with pytest.raises(JsonlError, match=rf"^{path}:3: not UTF-8"):
+    load_sft_jsonl(str(path))
+  bom = tmp_path / "bom.jsonl"
+  bom.write_bytes(b"\xef\xbb\xbf" + good + b"\n")
+  assert len(load_sft_jsonl(str(bom))) == 1
 
 
 def test_tokenize_masks_response_and_eos_only():

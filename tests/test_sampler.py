@@ -150,6 +150,7 @@ def test_sampling_rules_keep_the_right_tokens():
     "top_p=0.75": (SamplingConfig("top_p", top_p=0.75), {0, 1}),
     "top_p=0.76": (SamplingConfig("top_p", top_p=0.76), {0, 1, 2}),
     "top_p=0.01": (SamplingConfig("top_p", top_p=0.01), {0}),
+    "top_p=1": (SamplingConfig("top_p", top_p=1.0), {0, 1, 2, 3}),
     # min-p keeps p >= min_p * 0.5.
     "min_p=0.3": (SamplingConfig("min_p", min_p=0.3), {0, 1, 2}),
     "min_p=0.31": (SamplingConfig("min_p", min_p=0.31), {0, 1}),
@@ -164,6 +165,35 @@ def test_sampling_rules_keep_the_right_tokens():
   # Temperature divides the logits: the processed distribution is p^(1/t) renormalised.
   want = np.sqrt(probs[:4]) / np.sqrt(probs[:4]).sum()
   np.testing.assert_allclose(np.asarray(jax.nn.softmax(outs["t=2"][0]))[:4], want, rtol=1e-5)
+
+
+def test_top_p_one_keeps_a_large_vocabulary_whole():
+  """float32's cumulative sum over 32,000 sorted probabilities reaches 1 before the tail:
+  top_p=1 must not drop the tail's tokens (it did: 31,264-31,760 of 32,000 kept)."""
+  logits = 3.0 * jax.random.normal(jax.random.key(0), (4, 32000))
+  out = process_logits(logits, SamplingConfig("top_p", top_p=1.0))
+  assert np.isfinite(np.asarray(out)).all()
+
+
+def test_learned_positions_with_a_prompt_bucket_past_the_table():
+  """GPT-2-style positions, max_seq_len 48, a 33-token prompt (bucket 64): the prefill's
+  padding sits past the position table. Its NaN rows used to reach every real token through
+  attention (all log-probs NaN, token 0 sampled); now the samples equal those of an exact
+  bucket and the teacher-forced log-probs."""
+  cfg = ModelConfig.preset("tiny", vocab_size=64, d_model=32, mlp_dim=64, num_layers=2,
+                           position="learned", max_seq_len=48)  # fmt: skip
+  model = Transformer(cfg)
+  params = _random_params(model)
+  prompt = np.random.RandomState(0).randint(4, 64, (1, 33)).astype(np.int32)
+  gen = GenerationConfig(max_new_tokens=8, sampling=SamplingConfig("greedy"))
+  out = Sampler(model, gen).generate(params, prompt, np.array([33]), jax.random.key(0))
+  exact = Sampler(model, gen, prompt_buckets=(33,))
+  ref = exact.generate(params, prompt, np.array([33]), jax.random.key(0))
+  assert np.isfinite(out.logprobs).all()
+  np.testing.assert_array_equal(out.tokens, ref.tokens)
+  seq = jnp.asarray(np.concatenate([prompt, out.tokens], axis=1))
+  logits = model.apply({"params": params}, seq).logits[:, 32:-1]
+  np.testing.assert_allclose(out.logprobs, token_logprobs(logits, seq[:, 33:]), atol=1e-5)
 
 
 def test_sampling_frequencies_match_the_processed_distribution():

@@ -179,6 +179,45 @@ def test_resume_gives_the_same_next_step_loss(tmp_path):
   np.testing.assert_allclose(resumed["train/loss"], full["train/loss"], rtol=1e-6)
 
 
+def test_reruns_and_crashes_leave_one_metrics_record_per_step(tmp_path):
+  """Rerunning a finished workdir logs no second eval record; records an interrupted run
+  wrote after its last checkpoint (and a half-written line) are dropped on resume, since the
+  resumed run logs those steps again."""
+  over = {"train.num_steps": 2, "train.ckpt_every": 2, "train.eval_every": 2, "train.log_every": 1}
+  wd = str(tmp_path / "run")
+  get_trainer("sft")(_tiny(**over), wd)
+  again = get_trainer("sft")(_tiny(**over), wd)
+  assert "eval/loss" in again
+  recs = _read_metrics(wd)
+  assert sorted(r["step"] for r in recs if "train/loss" in r) == [1, 2]
+  assert sum("eval/loss" in r for r in recs) == 1
+  # A crash after step 2's checkpoint: steps 3-4 were logged, step 4's line half-written.
+  with open(os.path.join(wd, "metrics.jsonl"), "a") as f:
+    f.write(json.dumps({"step": 3, "train/loss": 9.0}) + "\n" + '{"step": 4, "train/lo')
+  get_trainer("sft")(_tiny(**{**over, "train.num_steps": 4}), wd)
+  steps = [r["step"] for r in _read_metrics(wd) if "train/loss" in r]
+  assert steps == [1, 2, 3, 4]
+
+
+def test_jsonl_eval_reports_loss_but_no_task_accuracy(tmp_path):
+  """Held-out JSONL records have no task answer to score: greedy accuracy is off (it scored
+  every completion against the empty answer)."""
+  path = tmp_path / "d.jsonl"
+  path.write_text("".join(json.dumps({"prompt": f"{i}+1=", "response": str(i + 1)}) + "\n"
+                          for i in range(8)))  # fmt: skip
+  over = {"data.source": "jsonl", "data.jsonl_path": str(path), "data.eval_jsonl_path": str(path),
+          "train.eval_every": 2}  # fmt: skip
+  out = get_trainer("sft")(_tiny(**over), str(tmp_path / "wd"))
+  assert "eval/loss" in out and "eval/accuracy" not in out
+
+
+def test_optimizer_schedule_and_keep_checkpoints_typos_raise(tmp_path):
+  with pytest.raises(ValueError, match="config.optimizer.schedule must be"):
+    make_optimizer({"name": "adamw", "lr": 1e-3, "schedule": "cosin"}, 10)
+  with pytest.raises(ValueError, match="keep_checkpoints must be >= 1"):
+    get_trainer("sft")(_tiny(**{"train.keep_checkpoints": 0}), str(tmp_path / "k0"))
+
+
 def _configs():
   return sorted(
     p for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))

@@ -28,11 +28,15 @@ class JsonlError(ValueError):
 def read_jsonl(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
   """Yields (line number, record) for every non-blank line; bad JSON raises JsonlError."""
   try:
-    f = open(path, encoding="utf-8")  # noqa: SIM115
+    f = open(path, "rb")  # noqa: SIM115
   except OSError as e:
     raise JsonlError(f"{path}: cannot open: {e.strerror}") from None
   with f:
-    for lineno, line in enumerate(f, start=1):
+    for lineno, raw in enumerate(f, start=1):
+      try:
+        line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+      except UnicodeDecodeError as e:
+        raise JsonlError(f"{path}:{lineno}: not UTF-8 ({e.reason} at byte {e.start + 1})") from None
       if not line.strip():
         continue
       try:

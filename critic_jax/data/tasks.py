@@ -47,7 +47,7 @@ class _Task:
 
   def _sample(self, n: int, seed: int, heldout: bool) -> list[Example]:
     rng = np.random.default_rng(seed)
-    out, tries = [], 0
+    out, seen, tries = [], set(), 0
     while len(out) < n:
       tries += 1
       if tries > 100 * n + 10_000:
@@ -55,7 +55,8 @@ class _Task:
           f"{type(self).__name__}: cannot draw {n} distinct problems; space too small"
         )
       key, ex = self._problem(rng)
-      if _is_heldout(key, self.holdout_frac) == heldout:
+      if _is_heldout(key, self.holdout_frac) == heldout and not (heldout and key in seen):
+        seen.add(key)
         out.append(ex)
     return out
 
@@ -105,6 +106,20 @@ class Addition(_Task):
       reps = -(-n // len(exs))
       return [exs[i] for _ in range(reps) for i in order][:n]
     return super().train_examples(n, seed)
+
+  def eval_examples(self, n: int, seed: int = 1) -> list[Example]:
+    if self.num_digits <= 2 and self.min_digits == 1:
+      # Distinct held-out problems, uniform over the (enumerable) problem space.
+      exs = [
+        Example(f"{a}+{b}=", str(a + b), str(a + b))
+        for a in range(10**self.num_digits) for b in range(10**self.num_digits)
+        if _is_heldout(f"{a}+{b}", self.holdout_frac)
+      ]  # fmt: skip
+      if n > len(exs):
+        raise ValueError(f"Addition: {n} held-out problems asked, only {len(exs)} exist")
+      order = np.random.default_rng(seed + 7919).permutation(len(exs))
+      return [exs[i] for i in order[:n]]
+    return super().eval_examples(n, seed)
 
 
 @TASKS.register("arith_steps")

@@ -101,6 +101,8 @@ def _top_k(logits: jax.Array, cfg: SamplingConfig) -> jax.Array:
 @SAMPLERS.register("top_p")
 def _top_p(logits: jax.Array, cfg: SamplingConfig) -> jax.Array:
   logits = logits / cfg.temperature
+  if cfg.top_p >= 1.0:  # everything (a float32 cumsum can reach 1 before the tail does)
+    return logits
   sorted_logits = -jnp.sort(-logits, axis=-1)
   probs = jax.nn.softmax(sorted_logits, axis=-1)
   # A token stays while the mass strictly before it is < top_p, so the top one always

@@ -26,6 +26,8 @@ class Checkpointer:
   """Keeps the last `keep` checkpoints of (state, data iterator state) under `directory`."""
 
   def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
+    if keep is not None and keep < 1:
+      raise ValueError(f"keep_checkpoints must be >= 1 (or None for all), got {keep}")
     self.directory = os.path.abspath(directory)
     self._mngr = ocp.CheckpointManager(
       self.directory,

@@ -81,7 +81,7 @@ def train_loop(
         break
   if eval_every and not evaluated and step == total:
     # Resumed at the last step: report the held-out metrics anyway.
-    final.update(writer.write(step, evaluate(state), prefix="eval/"))
+    final.update({f"eval/{k}": float(v) for k, v in evaluate(state).items()})
   pbar.close()
   ckpt.close()
   writer.close()

@@ -14,20 +14,44 @@ import numpy as np
 __all__ = ["MetricWriter", "StepTimer"]
 
 
+def _drop_records_after(path: str, step: int) -> None:
+  """Rewrites `path` (atomically) without the records of steps after `step`, and without a
+  line a crash left half-written."""
+
+  def keep(line: str) -> bool:
+    try:
+      return json.loads(line)["step"] <= step
+    except (ValueError, KeyError, TypeError):
+      return False
+
+  with open(path, encoding="utf-8") as f:
+    lines = [ln for ln in f if ln.strip() and keep(ln)]
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.writelines(ln if ln.endswith("\n") else ln + "\n" for ln in lines)
+  os.replace(tmp, path)
+
+
 class MetricWriter:
   """Writes scalars to `<workdir>/metrics.jsonl` and `<workdir>/tb/` (process 0 only)."""
 
-  def __init__(self, workdir: str, enabled: bool | None = None):
+  def __init__(self, workdir: str, enabled: bool | None = None, start_step: int | None = None):
+    """`start_step`: the step training resumes from; records logged after it by an earlier,
+    interrupted run are dropped (they are about to be logged again)."""
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self._tb = None
     self._jsonl = None
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")  # noqa: SIM115
+      path = os.path.join(workdir, "metrics.jsonl")
+      if start_step is not None and os.path.exists(path):
+        _drop_records_after(path, start_step)
+      self._jsonl = open(path, "a", encoding="utf-8")  # noqa: SIM115
       try:
         from tensorboardX import SummaryWriter
 
-        self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+        purge = None if start_step is None else start_step + 1
+        self._tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=purge)
       except ImportError:  # TensorBoard output is optional
         self._tb = None
 

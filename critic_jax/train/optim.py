@@ -19,7 +19,10 @@ def make_schedule(cfg: Mapping[str, Any], total_steps: int) -> optax.Schedule:
   """Linear warmup to `lr` over `warmup_steps`, cosine to `lr * end_lr_ratio` at `total_steps`."""
   lr = float(cfg["lr"])
   warmup = int(cfg.get("warmup_steps", 0))
-  if cfg.get("schedule", "cosine") == "constant":
+  kind = cfg.get("schedule", "cosine")
+  if kind not in ("cosine", "constant"):
+    raise ValueError(f"config.optimizer.schedule must be 'cosine' or 'constant', got {kind!r}")
+  if kind == "constant":
     return optax.join_schedules(
       [optax.linear_schedule(0.0, lr, max(warmup, 1)), optax.constant_schedule(lr)], [warmup]
     )

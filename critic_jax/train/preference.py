@@ -366,7 +366,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     state, final = train_loop(
       state=state, step_fn=jitted, next_batch=feeder.next, data_state=feeder.get_state,
-      evaluate=evaluate, ckpt=ckpt, writer=MetricWriter(workdir), train_cfg=config.train,
+      evaluate=evaluate, ckpt=ckpt, train_cfg=config.train,
+      writer=MetricWriter(workdir, start_step=int(jax.device_get(state.step))),
       desc=config.loss,
     )  # fmt: skip
     if task is not None and config.eval.generate:

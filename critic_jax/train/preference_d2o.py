@@ -260,7 +260,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     ckpt, state, data_state, shardings, ref_params = policy_and_reference(
       config, workdir, init_params, tx, mesh, rules, mcfg
     )
-    writer = MetricWriter(workdir)
+    writer = MetricWriter(workdir, start_step=int(jax.device_get(state.step)))
 
     # --- reference self-samples and reference log-probs of the negatives ----------
     sampler = make_sampler(model, tokenizer, c, mesh, rules)

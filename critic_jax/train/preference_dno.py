@@ -284,7 +284,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       for t in range(start // spi, iters):
         step0 = int(jax.device_get(state.step))
         mid = step0 > t * spi
-        writer = MetricWriter(workdir)
+        writer = MetricWriter(workdir, start_step=step0)
         path = os.path.join(workdir, "dno", f"iteration_{t:03d}.npz")
         meta = {
           "iteration": t, "num_samples": int(c.num_samples), "seq_len": d.seq_len,

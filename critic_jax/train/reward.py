@@ -338,7 +338,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state, final = train_loop(
       state=state, step_fn=step, next_batch=feeder.next, data_state=feeder.get_state,
       evaluate=(lambda st: evaluator(st.params)) if evaluator.examples else None, ckpt=ckpt,
-      writer=MetricWriter(workdir), train_cfg=config.train, desc=f"reward_{config.loss}",
+      writer=MetricWriter(workdir, start_step=int(jax.device_get(state.step))),
+      train_cfg=config.train, desc=f"reward_{config.loss}",
     )  # fmt: skip
 
     # --- reward centring (Stiennon et al.) ------------------------------------------

@@ -163,7 +163,7 @@ class Evaluator:
     # Held-out rows are never packed (`loss` below pads one example per row).
     self._eval_step = jax.jit(make_eval_step(model, config.loss, packed=False))
     self.greedy = None
-    if task is not None and self.examples:
+    if task is not None and self.examples and config.data.source == "task":
       self.greedy = GreedyTaskEval(
         model, tokenizer, task, self.examples, mesh, batch_size=config.eval.batch_size,
         max_new_tokens=config.eval.max_new_tokens,
@@ -245,6 +245,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     _, final = train_loop(
       state=state, step_fn=step_fn, next_batch=feeder.next, data_state=feeder.get_state,
       evaluate=(lambda st: evaluator(st.params)) if evaluator.examples else None, ckpt=ckpt,
-      writer=MetricWriter(workdir), train_cfg=config.train, desc="sft",
+      writer=MetricWriter(workdir, start_step=start), train_cfg=config.train, desc="sft",
     )  # fmt: skip
     return final
