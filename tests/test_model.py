@@ -268,6 +268,10 @@ def test_rope_scaling():
   np.testing.assert_allclose(np.asarray(l3)[wavelen > 8192], np.asarray(b3)[wavelen > 8192] / 8)
   with pytest.raises(ValueError, match="yarn"):
     ModelConfig(rope_scaling={"rope_type": "yarn", "factor": 2.0})
+  with pytest.raises(ValueError, match=r"unknown key\(s\) \['low_freq_factr'\]"):
+    ModelConfig(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factr": 1.0})
+  with pytest.raises(ValueError, match="needs a 'factor'"):
+    ModelConfig(rope_scaling={"rope_type": "linear"})
 
 
 def test_learned_positions_padding_past_the_table_stays_finite():

@@ -216,6 +216,8 @@ def test_optimizer_schedule_and_keep_checkpoints_typos_raise(tmp_path):
     make_optimizer({"name": "adamw", "lr": 1e-3, "schedule": "cosin"}, 10)
   with pytest.raises(ValueError, match="keep_checkpoints must be >= 1"):
     get_trainer("sft")(_tiny(**{"train.keep_checkpoints": 0}), str(tmp_path / "k0"))
+  with pytest.raises(ValueError, match=r"config.train.ckpt_every must be >= 1, got 0"):
+    get_trainer("sft")(_tiny(**{"train.ckpt_every": 0}), str(tmp_path / "c0"))
 
 
 def _configs():

@@ -38,6 +38,12 @@ __all__ = [
 HEADS = ("lm", "value", "reward")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ROPE_TYPES = ("default", "linear", "llama3")
+# The keys each rope_type reads (`layers.rope_inv_freq`; llama3's others default to Meta's).
+ROPE_SCALING_KEYS = {
+  "default": (),
+  "linear": ("factor",),
+  "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "blocked")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -193,6 +199,15 @@ class ModelConfig:
         raise ValueError(
           f"model.rope_scaling has unsupported rope_type {rtype!r}; supported: {ROPE_TYPES}"
         )
+      keys = ROPE_SCALING_KEYS[rtype]
+      unknown = sorted(set(scaling) - set(keys) - {"rope_type"})
+      if unknown:  # a misspelt key would silently fall back to its default
+        raise ValueError(
+          f"model.rope_scaling: unknown key(s) {unknown} for rope_type {rtype!r}; "
+          f"known: {list(keys)}"
+        )
+      if keys and "factor" not in scaling:
+        raise ValueError(f"model.rope_scaling: rope_type {rtype!r} needs a 'factor'")
       object.__setattr__(self, "rope_scaling", scaling)
 
   @property

@@ -46,6 +46,9 @@ def train_loop(
   Returns:
     (final state, final metrics incl. "step" and "preempted" when stopped by a signal).
   """
+  for key, least in (("log_every", 1), ("ckpt_every", 1), ("eval_every", 0), ("num_steps", 0)):
+    if int(train_cfg[key]) < least:
+      raise ValueError(f"config.train.{key} must be >= {least}, got {train_cfg[key]}")
   total = train_cfg.num_steps
   step = int(jax.device_get(state.step))
   final: dict[str, Any] = {"step": step}
