@@ -297,6 +297,10 @@ def test_rope_scaling_legacy_type_key_and_mlp_bias_switch():
   assert cfg.rope_scaling == {"rope_type": "linear", "factor": 4.0}
   assert ModelConfig(out_bias=True, mlp_bias=True) == ModelConfig(out_bias=True)
   qwen3_bias = ModelConfig.preset("tiny_qwen3", qkv_bias=True, out_bias=True, mlp_bias=False)
+  d = qwen3_bias.to_configdict()
+  assert ModelConfig.from_dict(d) == qwen3_bias
+  d.mlp_bias = True  # a typed placeholder: settable from the command line
+  assert ModelConfig.from_dict(d).resolved_mlp_bias
   params = _init(qwen3_bias, _tokens(1, 4))[1]
   assert "bias" in params["layer_0"]["attn"]["o"]
   assert all("bias" not in params["layer_0"]["mlp"][k] for k in ("gate", "up", "down"))

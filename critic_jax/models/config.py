@@ -312,6 +312,7 @@ class ModelConfig:
     )
     d["head_dim"] = ml_collections.FieldReference(self.head_dim, field_type=int)
     d["sliding_window"] = ml_collections.FieldReference(self.sliding_window, field_type=int)
+    d["mlp_bias"] = ml_collections.FieldReference(self.mlp_bias, field_type=bool)
     if preset is not None:
       d["preset"] = preset
     return ml_collections.ConfigDict(d)
