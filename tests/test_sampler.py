@@ -617,6 +617,8 @@ def test_bad_inputs_raise(tiny, sampler):
     GenerationConfig(max_new_tokens=0)
   with pytest.raises(ValueError, match="fused_projections=True"):
     Sampler(Transformer(CFG, fused_projections=True), _gen(fused_projections=False))
+  with pytest.raises(ValueError, match=f"pad_id={CFG.vocab_size} is not a token id"):
+    Sampler(Transformer(CFG), _gen(pad_id=CFG.vocab_size))
   gpt2 = Transformer(ModelConfig.preset("tiny_gpt2", max_seq_len=16))
   with pytest.raises(ValueError, match="learned positions"):
     Sampler(gpt2, _gen()).generate({}, np.ones((1, 12), np.int32), [12], jax.random.key(0))

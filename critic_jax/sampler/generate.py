@@ -518,6 +518,14 @@ class Sampler:
   ):
     if loop not in ("auto", "host", "device"):
       raise ValueError(f"loop must be 'auto', 'host' or 'device', got {loop!r}")
+    vocab = model.config.vocab_size
+    if not 0 <= config.pad_id < vocab:
+      # Prompts are padded with it: a row past the embedding table is NaN, and attention's
+      # zero weights on the padding would spread it to every real token of the row.
+      raise ValueError(
+        f"GenerationConfig.pad_id={config.pad_id} is not a token id of the model "
+        f"(model.vocab_size={vocab})"
+      )
     if loop == "auto":
       devices = mesh.devices.flat if mesh is not None else jax.devices()
       loop = "device" if next(iter(devices)).platform == "cpu" else "host"
