@@ -3,23 +3,10 @@ and as a one-hot matmul, forward and forward + backward: `python embed_onehot.py
 Measured: gather 119 / 127 us; one-hot 542 / 1,167 us.
 """
 
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-
-def bench(f, *args, n=300):
-  for _ in range(5):
-    out = f(*args)
-  jax.block_until_ready(out)
-  times = []
-  for _ in range(n):
-    t0 = time.perf_counter()
-    jax.block_until_ready(f(*args))
-    times.append(time.perf_counter() - t0)
-  return np.median(times) * 1e6
+from attention_batch_inner import bench  # this folder's timing helper
 
 
 def take(emb, ids):
