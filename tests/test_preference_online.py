@@ -24,7 +24,7 @@ from critic_jax.parallel import DEFAULT_RULES, batch_sharding, logical_to_shardi
 from critic_jax.train import get_trainer
 from critic_jax.train.optim import make_optimizer
 from critic_jax.train.preference_d2o import d2o_dataset, make_d2o_step, reference_samples
-from critic_jax.train.preference_dno import gather_pairs, select_dno_pairs
+from critic_jax.train.preference_dno import dno_optimizer, gather_pairs, select_dno_pairs
 from critic_jax.train.preference_rollouts import (
   make_logp_fn,
   make_sampler,
@@ -327,3 +327,21 @@ def test_dno_mode_checks(tmp_path):
     trainer(_config("dno_arith", **{"dno.pairs": "online"}), str(tmp_path / "b"))
   with pytest.raises(ValueError, match="must equal config.dno.iterations"):
     trainer(_config("dno_arith", **{"train.num_steps": 3}), str(tmp_path / "c"))
+
+
+@pytest.mark.parametrize("reset", [True, False])
+def test_dno_optimizer_applies_the_rate_it_logs(reset):
+  """Without reset_optimizer the optimizer's step count runs across iterations: its schedule
+  must span the run. It used to span one iteration, so from iteration 1 on every step ran at
+  the schedule's floor while the logged rate restarted. With SGD on a unit gradient the
+  update is the rate applied; it must equal the logged one at every global step."""
+  opt = {"name": "sgd", "lr": 1e-3, "warmup_steps": 1, "end_lr_ratio": 0.1}
+  spi, iters = 4, 3
+  tx, logged = dno_optimizer(opt, spi, iters, reset)
+  params = jnp.zeros(())
+  state = tx.init(params)
+  for s in range(spi * iters):
+    if reset and s % spi == 0:
+      state = tx.init(params)
+    update, state = tx.update(jnp.ones(()), state, params)
+    np.testing.assert_allclose(-float(update), float(logged(s)), rtol=1e-6, atol=1e-12)

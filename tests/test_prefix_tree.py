@@ -355,6 +355,23 @@ def test_distinct_first_tokens_root_convention():
   np.testing.assert_allclose(off.adv, grpo, atol=1e-6)
 
 
+@pytest.mark.parametrize("estimator", ["tempo", "tree_mc"])
+def test_an_empty_response_shares_the_root(estimator):
+  """A valid empty response (L = 0) sits at the root with the others. With no other shared
+  prefix in the batch the lcp kernel's loop used to run no chunk, so the root's branch was
+  missed (adv [0.71, 0.71] instead of [1.41, 0.71]) and the result depended on the batch."""
+  tokens = np.array([[[5, 3], [0, 0]]], np.int32)
+  mask = np.array([[[True, True], [False, False]]])
+  rewards = np.array([[1.0, 0.0]], np.float32)
+  ref = trie_prefix_tree(tokens, mask, rewards, estimator=estimator)
+  for impl in ("lcp", "cumeq"):
+    out = prefix_tree_advantages(
+      tokens=tokens, mask=mask, rewards=rewards, estimator=estimator, impl=impl
+    )
+    np.testing.assert_allclose(np.asarray(out.adv), ref["adv"], atol=1e-6, err_msg=impl)
+    np.testing.assert_array_equal(np.asarray(out.branch), ref["branch"], err_msg=impl)
+
+
 def test_tree_mc_is_gae_with_tree_values(groups):
   """tree_mc = GAE(gamma = lambda = 1) with V = V(s_{i,t}) and reward r~_i on the last token."""
   tokens, mask, rewards, valid, out = groups

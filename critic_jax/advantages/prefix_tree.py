@@ -318,7 +318,9 @@ def _tree_lcp(tokens, lengths, valid, norm, estimator, td_coef, root, chunk_size
 
   def cond(state):
     c, _, still, _ = state
-    return (c < num_chunks) & jnp.any(still)
+    # Chunk 0 always runs: it writes the root's column, and with no pair "still" equal at the
+    # start (e.g. the only other valid response is empty) the root is still shared.
+    return (c < num_chunks) & ((c == 0) | jnp.any(still))
 
   def body(state):
     c, lcp, still, outs = state

@@ -77,9 +77,29 @@ from critic_jax.train.preference_rollouts import (
 )
 from critic_jax.train.preference_scorers import gold_response, make_scorer
 
-__all__ = ["select_dno_pairs", "gather_pairs", "iteration_pairs", "train_and_evaluate"]
+__all__ = [
+  "dno_optimizer",
+  "gather_pairs",
+  "iteration_pairs",
+  "select_dno_pairs",
+  "train_and_evaluate",
+]
 
 log = logging.getLogger(__name__)
+
+
+def dno_optimizer(opt_cfg, spi: int, iters: int, reset: bool):
+  """(optimizer, the schedule of its learning rate by global step) for DNO-Prct.
+
+  With `reset` (the default) the optimizer state, step count included, is reset at every
+  iteration: each iteration runs the warmup + cosine schedule of `spi` steps afresh. Without
+  it the step count runs on, so the schedule spans the whole run (a schedule of `spi` steps
+  would sit at its floor from iteration 1 on while the logged rate restarted).
+  """
+  tx, schedule = make_optimizer(opt_cfg, spi if reset else iters * spi)
+  if reset:
+    return tx, lambda s: schedule(s % spi)
+  return tx, schedule
 
 
 def select_dno_pairs(
@@ -227,7 +247,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # --- model and optimizer (a fresh DPO run of `spi` steps per iteration) -------
   mcfg = model_config_from(config, tokenizer.vocab_size)
   model, init_params = build_model(mcfg)
-  tx, schedule = make_optimizer(config.optimizer, spi)
+  tx, schedule = dno_optimizer(config.optimizer, spi, iters, bool(c.reset_optimizer))
   kwargs = dict(config.loss_kwargs)
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -259,7 +279,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     sampler = make_sampler(model, tokenizer, c, mesh, rules)
     logp_fn = make_logp_fn(model)
     reset_opt = jax.jit(tx.init, out_shardings=shardings.opt_state)
-    dpo = make_dpo_step(model, tx, lambda s: schedule(s % spi), kwargs, online_ref=False)
+    dpo = make_dpo_step(model, tx, schedule, kwargs, online_ref=False)
     jitted = jax.jit(
       lambda st, batch: dpo(st, batch, None), in_shardings=(shardings, None),
       out_shardings=(shardings, None), donate_argnums=(0,),
